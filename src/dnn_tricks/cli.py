@@ -1,0 +1,110 @@
+"""The ``trainer`` command: LightningCLI (fit, validate, test, predict) plus ``search`` and
+``preview-augment``, with one-line errors for mistakes a user can make."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dnn_tricks.callbacks.predictions import PredictionWriter
+from dnn_tricks.data.datamodule import DataModule
+from dnn_tricks.models.classifier import Classifier
+
+EXTRA_COMMANDS = ("search", "preview-augment")
+
+
+class TrainerCLI(LightningCLI):
+    """LightningCLI with the data's input shape and class count linked into the model,
+    a prediction CSV writer, safe checkpoint loading and a test of the best checkpoint
+    after every fit."""
+
+    def __init__(self, args: Any = None, run: bool = True) -> None:
+        """``args`` as LightningCLI takes them (None reads sys.argv)."""
+        super().__init__(
+            Classifier,
+            DataModule,
+            seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # Checkpoints hold tensors and plain values only: never unpickle code from them.
+        parser.set_defaults(weights_only=True)
+        if subcommand == "fit":
+            parser.add_argument(
+                "--test_after_fit",
+                type=bool,
+                default=True,
+                help="After fit, evaluate the best checkpoint (not the last) on the test split.",
+            )
+        return parser
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+        self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    """The most specific line of a (possibly nested, multi-line) error message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    # jsonargparse: 'Parser key "data.batch_size":' then the reason on the next line.
+    key = re.match(r'Parser key "([^"]+)":', lines[0])
+    if key and len(lines) > 1:
+        reason = lines[1]
+        if reason.startswith("Type ") and ": " in reason:
+            reason = reason.split(": ", 1)[1]  # drop the long type name, keep what is wrong
+        reason = re.sub(r"\.? Got value: Namespace\(.*$", "", reason)
+        return f"{key.group(1)}: {reason}"
+    return lines[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``trainer`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        if args and args[0] == "search":
+            from dnn_tricks.search import main as search_main
+
+            search_main(args[1:])
+        elif args and args[0] == "preview-augment":
+            from dnn_tricks.data.preview import main as preview_main
+
+            preview_main(args[1:])
+        else:
+            sys.argv = [sys.argv[0], *args]  # LightningCLI reads sys.argv (less --debug)
+            TrainerCLI()
+    except (ArgumentError, ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
+        if debug:
+            raise
+        hint = "; see `trainer fit --help`" if isinstance(error, ArgumentError) else ""
+        print(f"error: {_one_line(error)}{hint}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
