@@ -95,7 +95,10 @@ class DataModule(LightningDataModule):
         self.predict_split = predict_split
         self._data: SourceData | None = None
         self._splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._augment = self._build_augment(augment)
+        # Parsed now so a bad pipeline fails before any work; the seeded Augment is made in
+        # setup(), after seed_everything and the process group, so each rank gets its stream.
+        self._pipeline = self._load_pipeline(augment)
+        self._augment: Any = None
 
     # -- what the model needs to know, available before setup (argument links use it) --
     @property
@@ -128,12 +131,12 @@ class DataModule(LightningDataModule):
         return self.data.classes
 
     # -- splits and normalization --
-    def _build_augment(self, spec: dict[str, Any] | str | None) -> Any:
+    def _load_pipeline(self, spec: dict[str, Any] | str | None) -> Any:
         if spec is None:
             return None
-        from dnn_tricks.data.augment import Augment, load_pipeline
+        from dnn_tricks.data.augment import load_pipeline
 
-        return Augment(load_pipeline(spec))
+        return load_pipeline(spec)
 
     def _make_splits(self) -> None:
         data = self.data
@@ -191,6 +194,10 @@ class DataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.split("train")
+        if self._pipeline is not None and self._augment is None:
+            from dnn_tricks.data.augment import Augment
+
+            self._augment = Augment(self._pipeline)
         if stage == "fit":
             self.fit_normalizer()
 
@@ -220,7 +227,7 @@ class DataModule(LightningDataModule):
     def _workers(self) -> int:
         if self.num_workers != "auto":
             return int(self.num_workers)
-        return 0 if self._augment is None else min(4, os.cpu_count() or 1)
+        return 0 if self._pipeline is None else min(4, os.cpu_count() or 1)
 
     def _loader(self, name: Split, train: bool) -> DataLoader:
         x, y = self.split(name)
