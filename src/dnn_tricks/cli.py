@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dnn_tricks.callbacks.predictions import PredictionWriter
+from dnn_tricks.callbacks.rng_state import RNGState
+from dnn_tricks.checkpoints import AtomicCheckpointIO, check_matches_model, read_checkpoint
 from dnn_tricks.data.datamodule import DataModule
 from dnn_tricks.models.classifier import Classifier
 
@@ -53,6 +59,49 @@ class TrainerCLI(LightningCLI):
                 help="After fit, evaluate the best checkpoint (not the last) on the test split.",
             )
         return parser
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Always on: RNG state in checkpoints (exact resume) and atomic checkpoint writes.
+        callbacks = [*callbacks, RNGState()]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super()._instantiate_trainer({**config, "plugins": plugins}, callbacks)
+
+    def _latest_last_checkpoint(self) -> str | None:
+        """``--ckpt_path last``: the newest last.ckpt among this config's earlier runs (each
+        run has its own version folder, which Lightning's own "last" lookup does not search)."""
+        logger = self.trainer.logger
+        root = Path(getattr(logger, "root_dir", "") or self.trainer.default_root_dir)
+        found = sorted(
+            root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
+        return str(found[-1]) if found else None
+
+    def _check_checkpoint(self, subcommand: str) -> None:
+        """Resolve ``last`` and reject unreadable or mismatched checkpoints up front."""
+        config = self.config_init[subcommand]
+        path = config.get("ckpt_path")
+        if path == "last":
+            path = self._latest_last_checkpoint()
+            if path is None:
+                rank_zero_warn("--ckpt_path last: no earlier run has a last.ckpt; starting fresh")
+            config["ckpt_path"] = path
+        if path and str(path) not in ("best", "hpc", "registry"):
+            check_matches_model(read_checkpoint(path), self.model, str(path))
+
+    def before_fit(self) -> None:
+        self._check_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._check_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._check_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._check_checkpoint("predict")
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:

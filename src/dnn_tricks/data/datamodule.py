@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dnn_tricks.data.datasets import ArrayDataset, collate_batch
+from dnn_tricks.data.datasets import ArrayDataset, EpochShuffleSampler, collate_batch
 from dnn_tricks.data.normalize import InputNormalizer, NormalizeConfig
 from dnn_tricks.data.sources import SourceData, load_source
 
@@ -37,6 +37,11 @@ def _stratified_split(
             f"({err}); use more data or a larger data.{key}"
         ) from None
     return np.sort(kept), np.sort(held)
+
+
+def _training_seed() -> int:
+    """The run's seed as seed_everything set it (LightningCLI's ``seed_everything`` key)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class DataModule(LightningDataModule):
@@ -239,10 +244,12 @@ class DataModule(LightningDataModule):
             from dnn_tricks.data.augment import worker_init_fn
 
             init_fn = worker_init_fn
+        # Shuffling that depends only on (seed, epoch) makes a resumed run see the same batches.
+        sampler = EpochShuffleSampler(len(dataset), _training_seed()) if train else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
             # A last batch of one sample breaks batch norm in train mode; dropping the ragged
             # tail also keeps every step's gradient noise alike.
             drop_last=train,

@@ -7,12 +7,12 @@ keeps the loader far ahead of a small model on a 2-core CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 
 def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -56,3 +56,27 @@ class ArrayDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         index = np.asarray(indices, dtype=np.int64)
         return self._inputs(index), self.y[index]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation that depends only on (seed, epoch).
+
+    torch's RandomSampler draws from the global RNG, so a run resumed from a checkpoint would
+    see other batches than the uninterrupted run. Here epoch ``e`` always gets the same order:
+    Lightning calls ``set_epoch`` before each epoch (also after a resume). Without a call the
+    epoch counter advances by itself, e.g. when DDP wraps this sampler.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        return iter(torch.randperm(self.length, generator=generator).tolist())
