@@ -14,6 +14,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs it and renames it
@@ -32,6 +35,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; keep the usual mode
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

@@ -177,9 +177,13 @@ def _read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    index = ImageFolder(str(folder), loader=lambda path: path)  # read pixels ourselves below
-    if not index.samples:
-        raise ValueError(f"data.root={str(folder)!r} holds no images in class sub-folders")
+    try:
+        index = ImageFolder(str(folder), loader=lambda path: path)  # pixels are read below
+    except FileNotFoundError as error:
+        raise ValueError(
+            f"data.root={str(folder)!r} holds no images in class sub-folders ({error}); "
+            "put each class's .png/.jpg files in a sub-folder named after the class"
+        ) from None
     grey = all(Image.open(p).mode in ("L", "1", "I;16") for p, _ in index.samples)
     arrays, sizes = [], {}
     for path, _ in index.samples:

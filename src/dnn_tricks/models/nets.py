@@ -208,7 +208,9 @@ class ConvNet(nn.Module):
         for out_ch in channels:
             stage: list[nn.Module] = []
             for _ in range(convs_per_stage):
-                conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=norm in ("none", "weight"))
+                # A conv feeding the activation directly (no norm, or norm after) needs its bias.
+                has_bias = norm in ("none", "weight") or norm_position == "after"
+                conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=has_bias)
                 stage.append(hidden_block(conv, out_ch, spatial=True, dropout=0.0, **block_args))
                 in_ch = out_ch
             stage.append(nn.MaxPool2d(2))
