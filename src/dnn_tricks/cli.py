@@ -79,6 +79,18 @@ class TrainerCLI(LightningCLI):
         )
         return str(found[-1]) if found else None
 
+    def _parse_ckpt_path(self) -> None:
+        """Read the checkpoint safely and early, but keep the config as given.
+
+        LightningCLI would overwrite the model part of the config with the checkpoint's
+        hyperparameters; here the config you pass is the config that runs, and a checkpoint
+        that does not fit it is reported (see _check_checkpoint) instead of silently winning.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and str(path) not in ("last", "best", "hpc", "registry"):
+            read_checkpoint(path)
+
     def _check_checkpoint(self, subcommand: str) -> None:
         """Resolve ``last`` and reject unreadable or mismatched checkpoints up front."""
         config = self.config_init[subcommand]

@@ -45,11 +45,15 @@ class NormalizeConfig:
         per_channel: for images, center/standardize with one mean/std per channel (the
             usual image normalization) instead of per pixel. Whitening and PCA always use the
             full C*H*W covariance.
+        report_max_dim: for center/standardize, fit the full feature covariance (only to
+            report condition numbers) when D is at most this; O(N D^2) time, so CIFAR's 3072
+            features are skipped by default (the report then shows nan).
     """
 
     kind: Kind = "standardize"
     eps: float = 1e-5
     per_channel: bool = True
+    report_max_dim: int = 1024
 
 
 class StreamingMoments:
@@ -68,13 +72,13 @@ class StreamingMoments:
 
     def update(self, x: Tensor) -> None:
         """Add the rows of ``x`` (N x D)."""
-        x = x.to(torch.float64)
         n_b = x.shape[0]
         if n_b == 0:
             return
-        mean_b = x.mean(0)
-        xc = x - mean_b
-        m2_b = _scatter(xc) if self.full else (xc * xc).sum(0)
+        xc = x.to(torch.float64, copy=True)  # our own copy, so centring can be in place
+        mean_b = xc.mean(0)
+        xc -= mean_b
+        m2_b = xc.T @ xc if self.full else (xc * xc).sum(0)
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n_b, mean_b, m2_b
             return
@@ -89,15 +93,6 @@ class StreamingMoments:
         """Scatter / (count - ddof): ddof=1 unbiased (sklearn PCA), ddof=0 biased."""
         assert self.m2 is not None, "no data"
         return self.m2 / (self.count - ddof)
-
-
-def _scatter(xc: Tensor) -> Tensor:
-    """xc^T xc. On CPU via NumPy, which hands A^T A to BLAS syrk: half the flops of
-    torch's GEMM, and this product is nearly all the cost of a fit."""
-    if xc.device.type == "cpu":
-        a = xc.detach().numpy()
-        return torch.from_numpy(a.T @ a)
-    return xc.T @ xc
 
 
 def sorted_eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,7 +160,13 @@ class InputNormalizer(nn.Module):
     unbiased feature covariance) and ``eigenvalues_after`` (of A Sigma A^T, A the fitted
     linear map, no second data pass). For center/standardize/none the full covariance is
     accumulated only when D <= ``report_max_dim`` (O(D^2) memory and O(N D^2) time), else
-    they stay empty and ``condition_numbers()`` gives nan.
+    they stay empty and ``condition_numbers()`` gives nan. Condition numbers ignore
+    eigenvalues below REL_FLOOR * the largest (constant pixels), see :func:`condition_number`.
+
+    Output shape = input shape for every kind: pca/pca_whiten put the C*H*W components
+    (descending variance) back into a C x H x W tensor so conv nets still get an image, and
+    ZCA stays in input space anyway. ``kind="none"`` is the identity and works unfitted.
+    Statistics accumulate on the device of the batches; move the module with ``.to()``.
 
     Args:
         kind: see NormalizeConfig.kind.
@@ -204,7 +205,12 @@ class InputNormalizer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: NormalizeConfig) -> InputNormalizer:
-        return cls(kind=cfg.kind, eps=cfg.eps, per_channel=cfg.per_channel)
+        return cls(
+            kind=cfg.kind,
+            eps=cfg.eps,
+            per_channel=cfg.per_channel,
+            report_max_dim=cfg.report_max_dim,
+        )
 
     @property
     def fitted(self) -> bool:
@@ -239,7 +245,6 @@ class InputNormalizer(nn.Module):
                 raise ValueError(
                     f"fit batches differ in sample shape: {shape} vs {tuple(x.shape[1:])}"
                 )
-            x = x.to(torch.float64)
             if full is not None:
                 full.update(x.reshape(len(x), -1))
             if diag is not None:
