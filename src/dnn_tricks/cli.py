@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError
+from jsonargparse.typing import Path_fr
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -51,14 +52,23 @@ class TrainerCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # Checkpoints hold tensors and plain values only: never unpickle code from them.
         parser.set_defaults(weights_only=True)
-        if subcommand == "fit":
-            parser.add_argument(
-                "--test_after_fit",
-                type=bool,
-                default=True,
-                help="After fit, evaluate the best checkpoint (not the last) on the test split.",
-            )
+        # Every subcommand accepts it (only fit acts on it) so a run's saved config.yaml
+        # can be passed to validate/test/predict as it is.
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit only: afterwards evaluate the best checkpoint (not the last) on the test split.",
+        )
         return parser
+
+    def before_instantiate_classes(self) -> None:
+        # A pipeline path written relative to its config file is saved as an absolute path,
+        # so the run's config.yaml works from its own folder too.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        augment = config.get("data", {}).get("augment")
+        if isinstance(augment, Path_fr):
+            config["data"]["augment"] = Path_fr(augment.absolute)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # Always on: RNG state in checkpoints (exact resume) and atomic checkpoint writes.

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import Path_fr
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from sklearn.model_selection import train_test_split
@@ -62,7 +63,8 @@ class DataModule(LightningDataModule):
         seed: seed of the splits (independent of the training seed, so splits stay put).
         normalize: input normalization fitted on the train split only (kind, eps, per_channel).
         augment: albumentations pipeline for the train split: its serialized dict (A.to_dict)
-            or a path to a file written by A.save; null for none.
+            or a path to a file written by A.save (in a config file, relative to that file);
+            null for none.
         num_workers: DataLoader worker processes; ``auto`` uses 0 for in-memory data without
             augmentation (batches are one array slice, IPC would only cost) and up to 4 with it.
         pin_memory: pin host memory for faster copies to a GPU; ``auto`` pins when CUDA is used.
@@ -81,7 +83,7 @@ class DataModule(LightningDataModule):
         train_subset: int | None = None,
         seed: int = 0,
         normalize: NormalizeConfig | None = None,
-        augment: dict[str, Any] | str | None = None,
+        augment: dict[str, Any] | Path_fr | None = None,
         num_workers: int | Literal["auto"] = "auto",
         pin_memory: bool | Literal["auto"] = "auto",
         predict_split: Split = "test",
@@ -136,12 +138,13 @@ class DataModule(LightningDataModule):
         return self.data.classes
 
     # -- splits and normalization --
-    def _load_pipeline(self, spec: dict[str, Any] | str | None) -> Any:
+    def _load_pipeline(self, spec: dict[str, Any] | str | Path_fr | None) -> Any:
         if spec is None:
             return None
         from dnn_tricks.data.augment import load_pipeline
 
-        return load_pipeline(spec)
+        # jsonargparse's Path_fr remembers where a relative path was written; resolve it.
+        return load_pipeline(spec.absolute if isinstance(spec, Path_fr) else spec)
 
     def _make_splits(self) -> None:
         data = self.data
