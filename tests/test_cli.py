@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from conftest import CONFIGS, shrink_args
 
 DIGITS = CONFIGS / "digits.yaml"

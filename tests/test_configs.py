@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import CONFIGS, FASHION_MNIST, shrink_args, write_cifar10_batches
 
 EXPERIMENTS = sorted(CONFIGS.glob("*.yaml"))

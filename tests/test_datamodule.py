@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import requires_fashion_mnist, write_cifar10_batches
 
+from conftest import requires_fashion_mnist, write_cifar10_batches
 from dnn_tricks.data.datamodule import DataModule
 from dnn_tricks.data.normalize import NormalizeConfig
 from dnn_tricks.data.sources import load_source

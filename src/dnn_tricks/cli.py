@@ -58,7 +58,7 @@ class TrainerCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=True,
-            help="fit only: afterwards evaluate the best checkpoint (not the last) on the test split.",
+            help="fit only: then evaluate the best checkpoint (not the last) on the test split.",
         )
         return parser
 
