@@ -12,6 +12,8 @@ from dnn_tricks.data.normalize import (
     KINDS,
     InputNormalizer,
     NormalizeConfig,
+)
+from dnn_tricks.data.whitening import (
     condition_number,
     whitening_matrix,
 )

@@ -3,8 +3,8 @@ against torch.autograd.functional.jacobian, and the Jacobian penalty's effect.""
 
 import pytest
 import torch
-from conftest import requires_fashion_mnist
 
+from conftest import requires_fashion_mnist
 from dnn_tricks.experiments.regularizers import Setting, run
 
 pytestmark = requires_fashion_mnist()

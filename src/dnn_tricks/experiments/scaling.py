@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dnn_tricks.data.normalize import InputNormalizer, condition_number
+from dnn_tricks.data.normalize import InputNormalizer
+from dnn_tricks.data.whitening import condition_number
 
 INPUTS = {"raw": None, "standardized": "standardize", "whitened (zca)": "zca_whiten"}
 

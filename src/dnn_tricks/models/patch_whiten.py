@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dnn_tricks.data.normalize import StreamingMoments, sorted_eigh, whitening_from_eigh
+from dnn_tricks.data.whitening import StreamingMoments, sorted_eigh, whitening_from_eigh
 
 
 class PatchWhitening(nn.Module):
