@@ -126,6 +126,11 @@ class DataModule(LightningDataModule):
         return self._data
 
     @property
+    def augment(self) -> Any:
+        """The train split's seeded augmentation (None without ``augment`` or before setup)."""
+        return self._augment
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return self.data.input_shape
 
