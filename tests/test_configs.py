@@ -3,6 +3,9 @@ with the digits config, augmentation pipelines through the train loader."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -57,17 +60,27 @@ def test_experiment_config_fits_validates_and_tests(run_cli, tmp_path, monkeypat
 def test_trainer_preset_composes_with_digits(run_cli, tmp_path, preset):
     if preset.name in NEEDS_GPU and not torch.cuda.is_available():
         pytest.skip(f"{preset.name} needs CUDA GPUs")
-    run_cli(
-        [
-            "fit",
-            "--config",
-            CONFIGS / "digits.yaml",
-            "--config",
-            preset,
-            *shrink_args(tmp_path / "logs", batches=2),
-        ]
-    )
-    assert list((tmp_path / "logs").rglob("last.ckpt"))
+    args = [
+        "fit",
+        "--config",
+        CONFIGS / "digits.yaml",
+        "--config",
+        preset,
+        *shrink_args(tmp_path / "logs", batches=2),
+    ]
+    if "strategy: ddp" in preset.read_text():
+        # Lightning's DDP launcher re-runs the command line for the other ranks (and kills
+        # the whole group if one fails): it must be a command of its own, not pytest.
+        subprocess.run(
+            [sys.executable, "-m", "dnn_tricks.cli", *map(str, args)],
+            cwd=tmp_path,
+            check=True,
+            timeout=600,
+            capture_output=True,
+        )
+    else:
+        run_cli(args)
+    assert len(list((tmp_path / "logs").rglob("last.ckpt"))) == 1
 
 
 @pytest.mark.parametrize("pipeline", AUGMENTS, ids=lambda p: p.name)
