@@ -1,0 +1,326 @@
+"""What `trainer fit` costs over a plain PyTorch loop, and what each trick costs.
+
+1. Overhead: the config's network, DataModule batches (same loader, same on-device
+   normalization), optimizer, schedule and number of steps, trained (a) by a hand-written
+   loop (forward, loss, backward, step, schedule, accuracy count; then a validation pass),
+   (b) by Lightning through TrainerCLI as `trainer fit` builds it (logger, checkpoints,
+   early stopping, LR monitor, torchmetrics; the project's diagnostic callbacks are left
+   out here and timed in 2.) and (c) by Lightning bare (no logger, checkpoints or
+   callbacks). Runs rotate; one-time startup (parsing, data load and split, normalizer
+   fit) is timed apart and the first epoch (warm-up) dropped; seconds per epoch are the
+   median of the remaining epochs.
+2. Tricks: `trainer fit` with one switch changed at a time (input normalization kind, hidden
+   normalization kind, dropout, augmentation, each project callback with the config's
+   arguments or its defaults, all of the config's callbacks), each against the base (b)
+   run right next to it.
+
+Whether the loader keeps ahead of the model: benchmarks/loader_throughput.py.
+
+    .venv/bin/python benchmarks/overhead.py [--config configs/fashion_mnist.yaml]
+        [--steps 60] [--epochs 3] [--repeats 3] [--threads 1] [--skip-tricks]
+
+Lightning's documentation reports about 0.06 s per epoch over plain PyTorch on an MNIST CNN.
+Measured on the shared 2-core dev machine, 1 thread, defaults: load average 1.1: plain
+4.80 s/epoch, trainer fit 5.03 (1.047x), bare Lightning 4.82 (1.004x); under load 5-9 other
+runs gave 0.91x-1.12x, i.e. load noise exceeds the 5% being measured. The digits MLP
+(~1 ms steps) pays Lightning's ~3-4 ms per step: 3-4.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
+
+from dnn_tricks import regularize  # noqa: E402
+from dnn_tricks.cli import TrainerCLI  # noqa: E402
+from dnn_tricks.schedules import build_scheduler  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_RATIO = 1.05
+
+# ----------------------------------------------------------------------------- setup
+
+
+def config_callbacks(config: Path) -> tuple[list[dict], list[dict]]:
+    """The config's callbacks split into Lightning's own (checkpoints, early stopping, LR
+    monitor) and the project's diagnostics, which the tricks table times one by one."""
+    listed = (yaml.safe_load(config.read_text())["trainer"] or {}).get("callbacks") or []
+    ours = [c for c in listed if c["class_path"].startswith("dnn_tricks.")]
+    return [c for c in listed if c not in ours], ours
+
+
+def build_cli(
+    args: argparse.Namespace, log_dir: str, *extra: str, callbacks: list[dict] | None = None
+) -> TrainerCLI:
+    """The config as `trainer fit` builds it, shortened to ``args.steps`` steps per epoch,
+    with ``callbacks`` (default: the config's Lightning callbacks only)."""
+    if callbacks is None:
+        callbacks = config_callbacks(args.config)[0]
+    return TrainerCLI(
+        args=[
+            "--config",
+            str(args.config),
+            f"--trainer.callbacks={json.dumps(callbacks)}",
+            f"--trainer.max_epochs={args.epochs}",
+            f"--trainer.limit_train_batches={args.steps}",
+            f"--trainer.limit_val_batches={args.val_steps}",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={log_dir}",
+            f"--trainer.default_root_dir={log_dir}",
+            *extra,
+        ],
+        run=False,
+    )
+
+
+class EpochClock(Callback):
+    """perf_counter at each training-epoch start and at the end of training."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.marks.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.marks.append(time.perf_counter())
+
+
+def summarize(start: float, marks: list[float]) -> tuple[float, list[float]]:
+    """(startup seconds, per-epoch seconds without the warm-up epoch)."""
+    epochs = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return marks[0] - start, epochs[1:]
+
+
+# ----------------------------------------------------------------------------- the two loops
+
+
+def run_trainer(
+    args: argparse.Namespace, *extra: str, callbacks: list[dict] | None = None
+) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as log_dir:
+        cli = build_cli(args, log_dir, *extra, callbacks=callbacks)
+        clock = EpochClock()
+        cli.trainer.callbacks.append(clock)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return summarize(start, clock.marks)
+
+
+def run_plain(args: argparse.Namespace) -> tuple[float, list[float]]:
+    """The same network, batches, optimizer and schedule in a loop written by hand."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as log_dir:
+        cli = build_cli(args, log_dir)
+    data, model = cli.datamodule, cli.model
+    data.setup("fit")
+    net, hp = model.net, model.hparams
+    optimizer = model.optimizer_factory(regularize.decay_param_groups(net, hp.decay_norm_and_bias))
+    per_step = hp.scheduler_interval == "step"
+    total = args.epochs * args.steps if per_step else args.epochs
+    schedule = build_scheduler(model.scheduler_factory, optimizer, total)
+    train, val = data.train_dataloader(), data.val_dataloader()
+    marks = []
+    for _ in range(args.epochs):
+        marks.append(time.perf_counter())
+        net.train()
+        correct = torch.zeros((), dtype=torch.long)
+        for step, (x, y) in enumerate(train):
+            if step == args.steps:
+                break
+            logits = net(data.prepare_inputs(x))
+            loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if per_step:
+                schedule.step()
+            correct += (logits.argmax(1) == y).sum()
+        if not per_step:
+            schedule.step()
+        net.eval()
+        with torch.no_grad():
+            for step, (x, y) in enumerate(val):
+                if step == args.val_steps:
+                    break
+                correct += (net(data.prepare_inputs(x)).argmax(1) == y).sum()
+    marks.append(time.perf_counter())
+    return summarize(start, marks)
+
+
+# ----------------------------------------------------------------------------- tricks
+
+
+def project_callbacks() -> list[str]:
+    """Class paths of the callbacks in dnn_tricks.callbacks that run with default arguments
+    (prediction writers excluded: they act in `predict` only)."""
+    import dnn_tricks.callbacks as package
+
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != module.__name__ or not issubclass(cls, Callback):
+                continue
+            if issubclass(cls, BasePredictionWriter):
+                continue
+            required = [
+                p
+                for p in inspect.signature(cls).parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
+            if not required:
+                found.append(f"{cls.__module__}.{cls.__name__}")
+    return sorted(found)
+
+
+Variant = tuple[list[str], list[dict] | None]  # (overrides, callbacks or None for the base)
+
+
+def trick_variants(config: Path, always_on: set[str]) -> dict[str, Variant]:
+    """Row label -> one switch changed. Callbacks come with the config's arguments where the
+    config lists them, else with their defaults; ``always_on`` (added by the CLI) are skipped."""
+    net = "--model.net.init_args"
+    variants: dict[str, Variant] = {
+        "input norm: none": (["--data.normalize.kind=none"], None),
+        "input norm: zca_whiten": (["--data.normalize.kind=zca_whiten"], None),
+        "hidden norm: none": ([f"{net}.norm=none"], None),
+        "hidden norm: layer": ([f"{net}.norm=layer"], None),
+        "hidden norm: group (8)": ([f"{net}.norm=group", f"{net}.num_groups=8"], None),
+        "hidden norm: iter (IterNorm)": ([f"{net}.norm=iter", f"{net}.num_groups=8"], None),
+        "dropout: off": ([f"{net}.dropout=0"], None),
+    }
+    if "ConvNet" in config.read_text() or "ResNet" in config.read_text():
+        medium = ROOT / "configs" / "augment" / "medium.yaml"
+        variants["augment: medium (auto workers)"] = ([f"--data.augment={medium}"], None)
+    lightning, configured = config_callbacks(config)
+    entries = {c["class_path"]: c for c in configured}
+    for path in project_callbacks():
+        entries.setdefault(path, {"class_path": path})
+    for path, entry in entries.items():
+        name = path.rsplit(".", 1)[1]
+        if name not in always_on:
+            variants[f"callback: {name}"] = ([], [*lightning, entry])
+    if configured:
+        variants["all callbacks of the config"] = ([], [*lightning, *configured])
+    return variants
+
+
+# ----------------------------------------------------------------------------- main
+
+
+# Lightning alone: no logger, checkpoints or callbacks; separates per-epoch work (saving
+# checkpoints, writing events) from what every step costs.
+BARE = ["--trainer.logger=false", "--trainer.enable_checkpointing=false"]
+ARMS = {
+    "plain loop": lambda args: run_plain(args),
+    "trainer fit": lambda args: run_trainer(args),
+    "trainer, bare": lambda args: run_trainer(args, *BARE, callbacks=[]),
+}
+
+
+def compare_loops(args: argparse.Namespace) -> None:
+    startups: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    epochs: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    names = list(ARMS)
+    for repeat in range(args.repeats):
+        for arm in names[repeat % 3 :] + names[: repeat % 3]:  # rotate who goes first
+            startup, times = ARMS[arm](args)
+            startups[arm].append(startup)
+            epochs[arm].extend(times)
+    plain = statistics.median(epochs["plain loop"])
+    header = f"{'startup s':>9} {'s/epoch':>8} {'min s/epoch':>11} {'x plain':>8} {'ms/step':>8}"
+    print(f"\n{'':14} {header}")
+    for arm in names:
+        seconds = statistics.median(epochs[arm])
+        extra_ms = 1e3 * (seconds - plain) / args.steps
+        print(
+            f"{arm:14} {statistics.median(startups[arm]):9.2f} {seconds:8.3f} "
+            f"{min(epochs[arm]):11.3f} {seconds / plain:8.3f} {extra_ms:+8.2f}"
+        )
+    ratio = statistics.median(epochs["trainer fit"]) / plain
+    verdict = "meets" if ratio <= TARGET_RATIO else "misses"
+    print(f"trainer fit / plain loop = {ratio:.3f}: {verdict} the target <= {TARGET_RATIO}")
+
+
+def compare_tricks(args: argparse.Namespace) -> None:
+    """Each switch against the base config run right next to it (order alternating), so
+    load that drifts over minutes hits both runs of a pair alike."""
+    trick_args = argparse.Namespace(**{**vars(args), "epochs": args.trick_epochs})
+    with tempfile.TemporaryDirectory() as log_dir:
+        always_on = {type(c).__name__ for c in build_cli(trick_args, log_dir).trainer.callbacks}
+    print(
+        f"\ntricks: trainer fit with one switch changed, each paired with the base config "
+        f"(its Lightning callbacks only; {args.trick_epochs - 1} timed epoch(s) of "
+        f"{args.steps} steps per run)"
+    )
+    print(f"{'change':36} {'s/epoch':>8} {'base':>8} {'x base':>7} {'+s/epoch':>9}")
+    for index, (label, (extra, callbacks)) in enumerate(
+        trick_variants(args.config, always_on).items()
+    ):
+        base_run, trick_run = ((), None), (extra, callbacks)
+        order = [trick_run, base_run] if index % 2 else [base_run, trick_run]
+        try:
+            measured = [
+                statistics.median(run_trainer(trick_args, *o, callbacks=c)[1]) for o, c in order
+            ]
+        except Exception as error:  # one broken switch should not hide the others
+            print(f"{label:36} failed: {str(error).splitlines()[0][:60]}")
+            continue
+        seconds, reference = measured if index % 2 else measured[::-1]
+        print(
+            f"{label:36} {seconds:8.3f} {reference:8.3f} {seconds / reference:7.2f} "
+            f"{seconds - reference:+9.3f}"
+        )
+    print(
+        "(callbacks cost per epoch or every n steps, not per step: with full epochs their "
+        "ratio is smaller; +s/epoch is what they add to these short ones)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "fashion_mnist.yaml")
+    parser.add_argument("--steps", type=int, default=60, help="train steps per epoch")
+    parser.add_argument("--val-steps", type=int, default=3, help="validation batches per epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="rotating runs of each loop")
+    parser.add_argument("--trick-epochs", type=int, default=2, help="per trick run")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--skip-tricks", action="store_true")
+    args = parser.parse_args()
+    if min(args.epochs, args.trick_epochs) < 2:
+        parser.error("--epochs and --trick-epochs must be >= 2 (the first epoch is warm-up)")
+    if min(args.steps, args.val_steps) < 2:
+        parser.error("--steps and --val-steps must be >= 2 (Lightning reads 1 as 100%)")
+    torch.set_num_threads(args.threads)
+    print(
+        f"{args.config.name}: {args.steps} steps + {args.val_steps} val batches per epoch, "
+        f"{args.epochs} epochs x {args.repeats} rotating runs, {args.threads} thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    compare_loops(args)
+    if not args.skip_tricks:
+        compare_tricks(args)
+
+
+if __name__ == "__main__":
+    main()
