@@ -201,7 +201,10 @@ class InputStatsCheck(Callback):
             return batch_inputs(to_model(pl_module, batch))
 
     def _val_problems(self, dm: Any, pl_module: LightningModule) -> list[str]:
-        raw = next(iter(dm.val_dataloader()), None)
+        # A DataLoader iterator draws its base seed from the global RNG; a check must not
+        # shift the random numbers training uses (exact resume depends on it).
+        with torch.random.fork_rng(devices=[]):
+            raw = next(iter(dm.val_dataloader()), None)
         if raw is None:
             return []
         raw_x = batch_inputs(raw).clone()  # the transfer hook may work in place
