@@ -58,7 +58,16 @@ def hidden_block(
     return nn.Sequential(OrderedDict(parts))
 
 
-def _check_probability(key: str, p: float) -> None:
+def require_image_shape(net: str, input_shape: Sequence[int]) -> None:
+    """Conv nets need C x H x W inputs; say so in one line for tabular sources."""
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"{net} needs images (C x H x W) but the data has shape {tuple(input_shape)}; "
+            "use model.net: MLP for tabular sources"
+        )
+
+
+def check_probability(key: str, p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{key}={p} must be a drop probability in [0, 1)")
 
@@ -100,8 +109,8 @@ class MLP(nn.Module):
         init: str = "default",
     ) -> None:
         super().__init__()
-        _check_probability("dropout", dropout)
-        _check_probability("input_dropout", input_dropout)
+        check_probability("dropout", dropout)
+        check_probability("input_dropout", input_dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))
@@ -178,14 +187,10 @@ class ConvNet(nn.Module):
         patch_n_images: int = 5000,
     ) -> None:
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"ConvNet needs images (C x H x W) but the data has shape {tuple(input_shape)}; "
-                "use model.net: MLP for tabular sources"
-            )
+        require_image_shape("ConvNet", input_shape)
         for key, p in (("dropout", dropout), ("spatial_dropout", spatial_dropout)):
-            _check_probability(key, p)
-        _check_probability("input_dropout", input_dropout)
+            check_probability(key, p)
+        check_probability("input_dropout", input_dropout)
         check_choice("stem", stem, ("conv", "patch_whiten"))
         in_ch, height, width = input_shape
         features: list[nn.Module] = []

@@ -22,7 +22,12 @@ from dnn_tricks.models.layers import (
     create_activation,
     create_norm_layer,
 )
-from dnn_tricks.models.nets import NormPosition, hidden_block
+from dnn_tricks.models.nets import (
+    NormPosition,
+    check_probability,
+    hidden_block,
+    require_image_shape,
+)
 
 # Norm names that add no layer: the block then is conv -> act whatever norm_position says.
 _NO_NORM_LAYER = ("none", "weight")
@@ -192,19 +197,14 @@ class ResNet(nn.Module):
         patch_n_images: int = 5000,
     ) -> None:
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"ResNet needs images (C x H x W) but the data has shape {tuple(input_shape)}; "
-                "use model.net: MLP for tabular sources"
-            )
+        require_image_shape("ResNet", input_shape)
         n = _blocks_per_stage(depth, blocks_per_stage)
         for key, p in (
             ("dropout", dropout),
             ("spatial_dropout", spatial_dropout),
             ("input_dropout", input_dropout),
         ):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{key}={p} must be a drop probability in [0, 1)")
+            check_probability(key, p)
         check_choice("norm_position", norm_position, ("before", "after"))
         check_choice("shortcut", shortcut, ("pad", "conv"))
         check_choice("stem", stem, ("conv", "patch_whiten"))
