@@ -60,7 +60,7 @@ def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def presets() -> None:
-    from dnn_tricks.cli import TrainerCLI
+    from dnn_tricks.app import TrainerCLI
 
     print("\n1. trainer presets on digits (in-process, 1 GPU)")
     runs = [

@@ -24,7 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dnn_tricks.cli import TrainerCLI  # noqa: E402
+from dnn_tricks.app import TrainerCLI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -48,7 +48,7 @@ from lightning.pytorch import Callback  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
 
 from dnn_tricks import regularize  # noqa: E402
-from dnn_tricks.cli import TrainerCLI  # noqa: E402
+from dnn_tricks.app import TrainerCLI  # noqa: E402
 from dnn_tricks.schedules import build_scheduler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

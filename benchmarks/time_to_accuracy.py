@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
 from dnn_tricks import regularize  # noqa: E402
-from dnn_tricks.cli import TrainerCLI  # noqa: E402
+from dnn_tricks.app import TrainerCLI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "configs" / "fashion_mnist.yaml"

@@ -78,7 +78,7 @@ def test_ranks_agree_and_match_one_process(tmp_path):
     assert rank0["precise"] == rank1["precise"]
     # its accuracy (counts summed over the ranks' val shares) is what one process measures
     # on its checkpoint over the whole val split
-    from dnn_tricks.cli import TrainerCLI
+    from dnn_tricks.app import TrainerCLI
 
     cli = TrainerCLI(
         args=[

@@ -68,7 +68,7 @@ def test_predict_csv_matches_test_accuracy_and_probabilities(run_cli, tmp_path):
     np.testing.assert_array_equal(predicted, probs.argmax(axis=1))
     # The CSV's accuracy must be what `trainer test` reports on the same checkpoint.
     accuracy = float(np.mean(predicted == np.array([int(r["target"]) for r in rows])))
-    from dnn_tricks.cli import TrainerCLI
+    from dnn_tricks.app import TrainerCLI
 
     cli = TrainerCLI(
         args=[
@@ -91,7 +91,7 @@ def test_validate_restores_the_normalizer_from_the_checkpoint(run_cli, tmp_path)
     run_cli(["fit", "--config", DIGITS, *shrink_args(logs), "--test_after_fit=false"])
     ckpt = _version_dir(logs) / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
-    from dnn_tricks.cli import TrainerCLI
+    from dnn_tricks.app import TrainerCLI
 
     # A different val_fraction would fit other statistics; validate must use the saved ones.
     cli = TrainerCLI(

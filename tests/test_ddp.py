@@ -23,7 +23,7 @@ import yaml
 from sklearn.preprocessing import StandardScaler
 
 from conftest import CONFIGS, REPO
-from dnn_tricks.cli import TrainerCLI
+from dnn_tricks.app import TrainerCLI
 
 DIGITS = CONFIGS / "digits.yaml"
 DDP_CPU = CONFIGS / "trainer" / "ddp_cpu.yaml"

@@ -187,7 +187,7 @@ def test_corrupt_and_mismatched_checkpoints_give_one_line(run_cli, tmp_path, cap
 
 def test_test_data_never_influences_training(tmp_path):
     """Changing the test split leaves every trained weight bitwise the same."""
-    from dnn_tricks.cli import TrainerCLI
+    from dnn_tricks.app import TrainerCLI
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 6)).astype(np.float32)

@@ -13,12 +13,11 @@ importances.png in ``<log_dir>/<study>/``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from dnn_tricks.search.config import Param, SearchConfig, parse_search_config
 
-__all__ = ["Param", "SearchConfig", "main", "run_search"]
+__all__ = ["Param", "SearchConfig", "parse_search_config", "run_search"]
 
 
 def run_search(config: SearchConfig) -> dict[str, Any]:
@@ -30,10 +29,3 @@ def run_search(config: SearchConfig) -> dict[str, Any]:
     with quiet():
         study = optimize(config)
         return report(config, study)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``trainer search`` (argv without the ``search`` word)."""
-    import sys
-
-    run_search(parse_search_config(sys.argv[1:] if argv is None else argv))

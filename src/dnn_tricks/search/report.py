@@ -13,7 +13,7 @@ import optuna
 from lightning.pytorch.cli import SaveConfigCallback as SaveConfig
 from optuna.trial import FrozenTrial, TrialState
 
-from dnn_tricks.cli import TrainerCLI
+from dnn_tricks.app import TrainerCLI
 from dnn_tricks.search.config import SearchConfig, suggest
 from dnn_tricks.search.study import training_args
 

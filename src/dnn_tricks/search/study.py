@@ -167,7 +167,7 @@ def run_trial(config: SearchConfig, trial: optuna.Trial) -> float:
     metric after each validation epoch (skipping the sanity check), so it is used as is."""
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from dnn_tricks.cli import TrainerCLI
+    from dnn_tricks.app import TrainerCLI
     from dnn_tricks.search.report import best_config_args, resolve_config
 
     values = suggest(trial, config.space)

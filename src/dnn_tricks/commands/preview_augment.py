@@ -14,7 +14,7 @@ def write_preview(
 ) -> Path:
     """Build the config's DataModule and write ``images`` train images with ``draws``
     augmented versions each (one row per image) to ``out``."""
-    from dnn_tricks.cli import TrainerCLI
+    from dnn_tricks.app import TrainerCLI
 
     cli = TrainerCLI(args=config_args, run=False)
     datamodule = cli.datamodule

@@ -1,0 +1,139 @@
+"""The LightningCLI application: fit, validate, test and predict on a Classifier and a
+DataModule, with the data's shape linked into the model, safe checkpoint loading and a test
+of the best checkpoint after every fit. It knows no other subcommand (see ``cli.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jsonargparse.typing import Path_fr
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from dnn_tricks.callbacks.predictions import PredictionWriter
+from dnn_tricks.callbacks.rng_state import RNGState
+from dnn_tricks.checkpoints import AtomicCheckpointIO, check_matches_model, read_checkpoint
+from dnn_tricks.data.datamodule import DataModule
+from dnn_tricks.models.classifier import Classifier
+
+
+class TrainerCLI(LightningCLI):
+    """LightningCLI with the data's input shape and class count linked into the model,
+    a prediction CSV writer, safe checkpoint loading and a test of the best checkpoint
+    after every fit."""
+
+    def __init__(self, args: Any = None, run: bool = True) -> None:
+        """``args`` as LightningCLI takes them (None reads sys.argv)."""
+        super().__init__(
+            Classifier,
+            DataModule,
+            seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # Checkpoints hold tensors and plain values only: never unpickle code from them.
+        parser.set_defaults(weights_only=True)
+        # Every subcommand accepts it (only fit acts on it) so a run's saved config.yaml
+        # can be passed to validate/test/predict as it is.
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit only: then evaluate the best checkpoint (not the last) on the test split.",
+        )
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        # A pipeline path written relative to its config file is saved as an absolute path,
+        # so the run's config.yaml works from its own folder too.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        augment = config.get("data", {}).get("augment")
+        if isinstance(augment, Path_fr):
+            config["data"]["augment"] = Path_fr(augment.absolute)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Always on: RNG state in checkpoints (exact resume) and atomic checkpoint writes.
+        callbacks = [*callbacks, RNGState()]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super()._instantiate_trainer({**config, "plugins": plugins}, callbacks)
+
+    def _latest_last_checkpoint(self) -> str | None:
+        """``--ckpt_path last``: the newest last.ckpt among this config's earlier runs (each
+        run has its own version folder, which Lightning's own "last" lookup does not search)."""
+        logger = self.trainer.logger
+        root = Path(getattr(logger, "root_dir", "") or self.trainer.default_root_dir)
+        found = sorted(
+            root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
+        return str(found[-1]) if found else None
+
+    def _parse_ckpt_path(self) -> None:
+        """Read the checkpoint safely and early, but keep the config as given.
+
+        LightningCLI would overwrite the model part of the config with the checkpoint's
+        hyperparameters; here the config you pass is the config that runs, and a checkpoint
+        that does not fit it is reported (see _check_checkpoint) instead of silently winning.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and str(path) not in ("last", "best", "hpc", "registry"):
+            read_checkpoint(path)
+
+    def _check_checkpoint(self, subcommand: str) -> None:
+        """Resolve ``last`` and reject unreadable or mismatched checkpoints up front."""
+        config = self.config_init[subcommand]
+        path = config.get("ckpt_path")
+        if path == "last":
+            path = self._latest_last_checkpoint()
+            if path is None:
+                rank_zero_warn("--ckpt_path last: no earlier run has a last.ckpt; starting fresh")
+            config["ckpt_path"] = path
+        if path and str(path) not in ("best", "hpc", "registry"):
+            check_matches_model(read_checkpoint(path), self.model, str(path))
+
+    def before_fit(self) -> None:
+        self._check_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._check_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._check_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._check_checkpoint("predict")
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+        self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True
+        )
+
+
+def run_app(args: list[str]) -> None:
+    """Run a LightningCLI subcommand (fit, validate, test, predict) with these arguments."""
+    import sys
+
+    sys.argv = [sys.argv[0], *args]  # LightningCLI reads sys.argv
+    TrainerCLI()
