@@ -1,13 +1,16 @@
-"""In-memory datasets that hand the DataLoader whole batches.
+"""Datasets that hand the DataLoader whole batches, from arrays or lazy row stores.
 
-Both implement ``__getitems__`` so the DataLoader fetches a batch with one fancy-index
-instead of N ``__getitem__`` calls and a collate; with ``collate_batch`` as collate_fn this
-keeps the loader far ahead of a small model on a 2-core CPU.
+``ArrayDataset`` implements ``__getitems__`` so the DataLoader fetches a batch with one
+fancy-index instead of N ``__getitem__`` calls and a collate; with ``collate_batch`` as
+collate_fn this keeps the loader far ahead of a small model on a 2-core CPU. The same
+dataset serves lazy stores (memory-mapped rows, image files): they are indexed like arrays
+and read only the rows of each batch, in the worker that asked for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +23,17 @@ def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
+def take_rows(x: Any, index: np.ndarray) -> Any:
+    """Rows ``index`` of a split's inputs: a copy for an in-memory array, a view for a lazy
+    store (so splitting a memory-mapped or file-backed source never reads its data)."""
+    if isinstance(x, np.ndarray) and not isinstance(x, np.memmap):
+        return x[index]
+    return x.take(index)
+
+
 class ArrayDataset(Dataset):
-    """Samples of an in-memory source: uint8 images N x H x W x C or float32 rows N x D.
+    """Samples of a source: uint8 images N x H x W x C or float32 rows N x D, as an array
+    or a lazy store (memory-mapped rows, image files).
 
     Images leave as uint8 C x H x W (4x less to copy and pin than float32); the DataModule
     scales them to [0, 1] on the device. ``transform`` maps one uint8 H x W x C image to
@@ -30,24 +42,31 @@ class ArrayDataset(Dataset):
 
     def __init__(
         self,
-        x: np.ndarray,
+        x: Any,
         y: np.ndarray,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.x, self.y = x, torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.is_image = x.ndim == 4
         self.transform = transform if self.is_image else None
+        if self.transform is not None and hasattr(x, "prepare"):
+            x.prepare(self.transform)  # image files: does the pipeline set the size itself?
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def _inputs(self, index: np.ndarray) -> Tensor:
-        rows = self.x[index]
+    def _inputs(self, index: np.ndarray) -> tuple[Tensor, np.ndarray]:
+        """The batch's inputs, and the positions in ``index`` they came from (a lazy store
+        with ``data.bad_files: skip`` may leave out a file that failed to decode)."""
+        if hasattr(self.x, "batch"):
+            rows, kept = self.x.batch(index, self.transform)
+        else:
+            rows, kept = self.x[index], np.arange(len(index))
+            if self.is_image and self.transform is not None:
+                rows = np.stack([self.transform(image) for image in rows])
         if not self.is_image:
-            return torch.from_numpy(rows)
-        if self.transform is not None:
-            rows = np.stack([self.transform(image) for image in rows])
-        return torch.from_numpy(np.ascontiguousarray(rows.transpose(0, 3, 1, 2)))
+            return torch.from_numpy(np.ascontiguousarray(rows)), kept
+        return torch.from_numpy(np.ascontiguousarray(rows.transpose(0, 3, 1, 2))), kept
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         x, y = self.__getitems__([i])
@@ -55,7 +74,8 @@ class ArrayDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         index = np.asarray(indices, dtype=np.int64)
-        return self._inputs(index), self.y[index]
+        inputs, kept = self._inputs(index)
+        return inputs, self.y[index[kept]]
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -1,45 +1,101 @@
-"""Named dataset sources: each returns raw arrays, before any split or normalization.
+"""Data sources: where samples come from, before any split, augmentation or normalization.
 
-Images are kept as uint8 N x H x W x C (what albumentations transforms and what is cheapest
-to move to the device); tabular data as float32 N x D. Labels are int64 in 0..K-1.
+A source is a class with ``load() -> SourceData``. The built-in ones have short names in
+``SOURCES`` (name -> class path, one place as timm keeps its norm layers); ``data.source``
+takes a short name, a class path, or ``{class_path: ..., init_args: {...}}`` for a user's
+own :class:`Source` subclass written outside the project.
+
+Images are uint8 N x H x W x C (what albumentations transforms and what is cheapest to move
+to the device), held in memory, memory-mapped, or as files decoded on demand (image_folder);
+tabular data is float32 N x D. Labels are int64 in 0..K-1.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import os
-import shutil
+import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+CHUNKS_META = "dnn_tricks_chunks.json"  # marks a folder written by trainer prepare-data
+
+# Short names of the built-in sources; a class path works wherever a short name does.
+SOURCES: dict[str, str] = {
+    "digits": "dnn_tricks.data.sources.Digits",
+    "wine": "dnn_tricks.data.sources.Wine",
+    "breast_cancer": "dnn_tricks.data.sources.BreastCancer",
+    "fashion_mnist": "dnn_tricks.data.vision_sources.FashionMNIST",
+    "mnist": "dnn_tricks.data.vision_sources.MNIST",
+    "cifar10": "dnn_tricks.data.vision_sources.CIFAR10",
+    "arrays": "dnn_tricks.data.arrays.Arrays",
+    "image_folder": "dnn_tricks.data.image_folder.ImageFolder",
+    "streaming": "dnn_tricks.data.streaming.Streaming",
+}
 
 
 @dataclass
 class SourceData:
-    """Raw arrays of one source; ``test_*`` is None when the source has no own test split."""
+    """The samples of one source.
 
-    x: np.ndarray
+    ``x`` is anything indexable by an integer array that gives a batch: an ndarray (in
+    memory or memory-mapped) or a lazy row store (image files, LitData chunks). ``test_*``
+    and ``val_*`` are None when the source has no such split of its own; the DataModule
+    then holds one out, stratified and seeded.
+    """
+
+    x: Any
     y: np.ndarray
     classes: list[str]
-    test_x: np.ndarray | None = None
+    test_x: Any = None
     test_y: np.ndarray | None = None
+    val_x: Any = None
+    val_y: np.ndarray | None = None
 
     @property
     def is_image(self) -> bool:
-        return self.x.ndim == 4
+        return len(self.input_shape) == 3
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one model input: C x H x W for images, D for tabular data."""
-        if self.is_image:
+        shape = getattr(self.x, "input_shape", None)
+        if shape is not None:  # lazy row stores know it without reading a sample
+            return tuple(shape)
+        if self.x.ndim == 4:
             height, width, channels = self.x.shape[1:]
             return (channels, height, width)
         return tuple(self.x.shape[1:])
+
+
+class Source:
+    """Base of every data source: subclass it and implement :meth:`load`.
+
+    Constructor arguments are the source's configuration (``init_args`` in YAML). A built-in
+    source may also take ``root``, ``download``, ``image_size``, ``channels`` or ``bad_files``:
+    when it is named by short name, the DataModule's keys of those names are passed on.
+
+    Example (a file of your own, no edit inside the project)::
+
+        class Blobs(Source):
+            def __init__(self, n: int = 300) -> None:
+                self.n = n
+
+            def load(self) -> SourceData:
+                x, y = sklearn.datasets.make_blobs(self.n, random_state=0)
+                return SourceData(x=x.astype("float32"), y=y, classes=["a", "b", "c"])
+
+    and ``data: {source: {class_path: my_module.Blobs, init_args: {n: 500}}}``.
+    """
+
+    def load(self) -> SourceData:
+        raise NotImplementedError(f"{type(self).__name__} must implement load() -> SourceData")
+
+
+# ----------------------------------------------------------------------------- scikit-learn
 
 
 def _sklearn(loader: Callable, as_image: tuple[int, int] | None = None) -> SourceData:
@@ -53,244 +109,100 @@ def _sklearn(loader: Callable, as_image: tuple[int, int] | None = None) -> Sourc
     return SourceData(x=x, y=bunch.target.astype(np.int64), classes=names)
 
 
-def load_digits_source(root: str | None, download: bool) -> SourceData:
-    from sklearn.datasets import load_digits
+class Digits(Source):
+    """scikit-learn's 8 x 8 handwritten digits (1,797 images, embedded, no download)."""
 
-    return _sklearn(load_digits, as_image=(8, 8))
+    def load(self) -> SourceData:
+        from sklearn.datasets import load_digits
 
-
-def load_wine_source(root: str | None, download: bool) -> SourceData:
-    from sklearn.datasets import load_wine
-
-    return _sklearn(load_wine)
+        return _sklearn(load_digits, as_image=(8, 8))
 
 
-def load_breast_cancer_source(root: str | None, download: bool) -> SourceData:
-    from sklearn.datasets import load_breast_cancer
+class Wine(Source):
+    """scikit-learn's wine recognition data (178 x 13 features, 3 classes)."""
 
-    return _sklearn(load_breast_cancer)
+    def load(self) -> SourceData:
+        from sklearn.datasets import load_wine
 
-
-_IDX_STEMS = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+        return _sklearn(load_wine)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DNN_TRICKS_CACHE", Path.home() / ".cache" / "dnn_tricks"))
+class BreastCancer(Source):
+    """scikit-learn's Wisconsin breast cancer data (569 x 30 features, 2 classes)."""
+
+    def load(self) -> SourceData:
+        from sklearn.datasets import load_breast_cancer
+
+        return _sklearn(load_breast_cancer)
 
 
-def _find_idx_file(folders: list[Path], stem: str) -> Path | None:
-    for folder in folders:
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
+# ----------------------------------------------------------------------------- resolving
 
 
-def _uncompressed(path: Path) -> Path:
-    """torchvision's IDX readers take uncompressed files; unpack a .gz once into the cache."""
-    if path.suffix != ".gz":
-        return path
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    target = _cache_dir() / "idx" / key[:16] / path.stem
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        with gzip.open(path, "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        partial.replace(target)  # atomic: a concurrent reader never sees half a file
-    return target
-
-
-def _idx_source(dataset_cls: type, label: str, root: str, download: bool) -> SourceData:
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    if download:
-        train = dataset_cls(root, train=True, download=True)
-        test = dataset_cls(root, train=False, download=True)
-        images, labels = train.data, train.targets
-        test_images, test_labels = test.data, test.targets
-        classes = list(train.classes)
-    else:
-        folder = Path(root)
-        folders = [folder, folder / dataset_cls.__name__ / "raw"]
-        files = [_find_idx_file(folders, stem) for stem in _IDX_STEMS]
-        if any(f is None for f in files):
-            missing = [s for s, f in zip(_IDX_STEMS, files, strict=True) if f is None]
-            raise FileNotFoundError(
-                f"data.root={root!r} has no {label} IDX files ({', '.join(missing)}[.gz]); "
-                f"point data.root at the folder that holds them, or set data.download: true"
-                + (" or install Debian's dataset-fashion-mnist" if label == "Fashion-MNIST" else "")
-            )
-        paths = [str(_uncompressed(f)) for f in files]  # type: ignore[arg-type]
-        images, labels = read_image_file(paths[0]), read_label_file(paths[1])
-        test_images, test_labels = read_image_file(paths[2]), read_label_file(paths[3])
-        classes = list(dataset_cls.classes)
-    return SourceData(
-        x=images.numpy()[..., None],
-        y=labels.numpy().astype(np.int64),
-        classes=[str(c) for c in classes],
-        test_x=test_images.numpy()[..., None],
-        test_y=test_labels.numpy().astype(np.int64),
-    )
-
-
-def load_fashion_mnist_source(root: str | None, download: bool) -> SourceData:
-    from torchvision.datasets import FashionMNIST
-
-    return _idx_source(FashionMNIST, "Fashion-MNIST", root or FASHION_MNIST_DEBIAN, download)
-
-
-def load_mnist_source(root: str | None, download: bool) -> SourceData:
-    from torchvision.datasets import MNIST
-
-    return _idx_source(MNIST, "MNIST", root or "data", download)
-
-
-def load_cifar10_source(root: str | None, download: bool) -> SourceData:
-    from torchvision.datasets import CIFAR10
-
-    root = root or "data"
+def _import_class(path: str) -> type:
+    module_name, _, class_name = path.rpartition(".")
     try:
-        train = CIFAR10(root, train=True, download=download)
-        test = CIFAR10(root, train=False, download=download)
-    except RuntimeError as err:
-        raise FileNotFoundError(
-            f"data.root={root!r} has no CIFAR-10 batches (cifar-10-batches-py/); "
-            "set data.download: true to fetch them, or point data.root at their parent folder"
-        ) from err
-    return SourceData(
-        x=np.ascontiguousarray(train.data),
-        y=np.asarray(train.targets, dtype=np.int64),
-        classes=list(train.classes),
-        test_x=np.ascontiguousarray(test.data),
-        test_y=np.asarray(test.targets, dtype=np.int64),
-    )
-
-
-def _read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-
-    try:
-        index = ImageFolder(str(folder), loader=lambda path: path)  # pixels are read below
-    except FileNotFoundError as error:
+        cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except ImportError as err:
         raise ValueError(
-            f"data.root={str(folder)!r} holds no images in class sub-folders ({error}); "
-            "put each class's .png/.jpg files in a sub-folder named after the class"
+            f"data.source={path!r} cannot be imported ({err}); use a short name "
+            f"({', '.join(SOURCES)}) or a class path importable from where you run"
         ) from None
-    grey = all(Image.open(p).mode in ("L", "1", "I;16") for p, _ in index.samples)
-    arrays, sizes = [], {}
-    for path, _ in index.samples:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.uint8)
-        sizes.setdefault(pixels.shape[:2], path)
-        arrays.append(pixels[..., None] if grey else pixels)
-    if len(sizes) > 1:
-        (size_a, path_a), (size_b, path_b) = list(sizes.items())[:2]
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
         raise ValueError(
-            f"data.root={str(folder)!r} mixes image sizes ({path_a} is {size_a[1]}x{size_a[0]}, "
-            f"{path_b} is {size_b[1]}x{size_b[0]}); resize the images to one size first"
+            f"data.source={path!r} is unknown; choose one of: {', '.join(SOURCES)}, "
+            "or give the class path of a dnn_tricks.data.sources.Source subclass"
         )
-    labels = np.asarray(index.targets, dtype=np.int64)
-    return np.stack(arrays), labels, list(index.classes)
+    return cls
 
 
-def load_image_folder_source(root: str | None, download: bool) -> SourceData:
-    """A folder of class sub-folders; ``train/`` and ``test/`` sub-folders give the splits."""
-    if root is None or not Path(root).is_dir():
-        raise FileNotFoundError(
-            f"data.root={root!r} is not a folder; image_folder needs data.root pointing at a "
-            "folder of class sub-folders (optionally inside train/ and test/)"
+def build_source(spec: str | Source, **keys: Any) -> Source:
+    """The source object for ``data.source``: a short name or class path (built with the
+    DataModule ``keys`` its constructor takes), or an already built :class:`Source`.
+
+    A key that is set (not None / False) but that the source does not take is an error,
+    so a setting is never silently ignored.
+    """
+    if isinstance(spec, Source):
+        given = [k for k, v in keys.items() if v not in (None, False)]
+        if given:
+            raise ValueError(
+                f"data.{given[0]} does not apply when data.source is given by class_path; "
+                "put it in data.source.init_args"
+            )
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"data.source must be a name, a class path or a Source, got {spec!r}")
+    cls = _import_class(SOURCES.get(spec, spec))
+    accepted = inspect.signature(cls.__init__).parameters
+    unused = [k for k, v in keys.items() if k not in accepted and v not in (None, False)]
+    if unused:
+        raise ValueError(
+            f"data.{unused[0]} does not apply to data.source={spec!r}; remove it "
+            f"(that source takes: {', '.join(p for p in accepted if p != 'self') or 'nothing'})"
         )
-    folder = Path(root)
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        x, y, classes = _read_image_folder(folder / "train")
-        test_x, test_y, test_classes = _read_image_folder(folder / "test")
-        if test_classes != classes:
-            raise ValueError(f"data.root={root!r}: train/ and test/ have different class folders")
-        return SourceData(x=x, y=y, classes=classes, test_x=test_x, test_y=test_y)
-    x, y, classes = _read_image_folder(folder)
-    return SourceData(x=x, y=y, classes=classes)
+    return cls(**{k: v for k, v in keys.items() if k in accepted})
 
 
-def _checked_arrays(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim == 4:
-        if x.dtype != np.uint8:
-            raise ValueError(
-                f"{where}: image arrays must be uint8 N x H x W [x C] (0..255), got {x.dtype}; "
-                "convert them, or flatten to N x D for tabular data"
-            )
-    elif x.ndim == 2:
-        x = x.astype(np.float32)
-        if not np.isfinite(x).all():
-            bad = np.argwhere(~np.isfinite(x))[0]
-            raise ValueError(
-                f"{where}: x holds NaN or Inf (first at row {bad[0]}, column {bad[1]}); "
-                "impute or drop those values first"
-            )
-    else:
-        raise ValueError(f"{where}: x must be N x D, N x H x W or N x H x W x C, got {x.shape}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"{where}: y must be a vector of {len(x)} labels, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{where}: y must hold integer class labels 0..K-1, got {y.dtype}")
-    return x, y.astype(np.int64)
+def source_label(spec: str | Source) -> str:
+    """How a source is named in messages: its short name, or its class path."""
+    return spec if isinstance(spec, str) else f"{type(spec).__module__}.{type(spec).__qualname__}"
 
 
-def load_arrays_source(root: str | None, download: bool) -> SourceData:
-    """A .npz with ``x`` and ``y`` (and optionally ``x_test``, ``y_test``)."""
-    if root is None or not Path(root).is_file():
-        raise FileNotFoundError(
-            f"data.root={root!r} is not a file; the arrays source needs data.root pointing "
-            "at a .npz with arrays x and y"
+def load_source(spec: str | Source, root: str | None = None, download: bool = False, **keys: Any):
+    """Load the source ``spec``; downloads happen only when ``download`` is true."""
+    if spec != "streaming" and root and (Path(root) / CHUNKS_META).is_file():
+        raise ValueError(
+            f"data.root={root!r} holds chunks written by trainer prepare-data, which "
+            f"data.source={source_label(spec)!r} cannot read; set data.source: streaming"
         )
-    with np.load(root, allow_pickle=False) as arrays:
-        missing = [key for key in ("x", "y") if key not in arrays.files]
-        if missing:
-            raise ValueError(
-                f"data.root={root!r} lacks array(s) {', '.join(missing)} (it has "
-                f"{', '.join(arrays.files) or 'none'}); save it with np.savez(path, x=..., y=...)"
-            )
-        x, y = _checked_arrays(arrays["x"], arrays["y"], f"data.root={root!r}")
-        test = None
-        if "x_test" in arrays.files and "y_test" in arrays.files:
-            test = _checked_arrays(arrays["x_test"], arrays["y_test"], f"data.root={root!r} test")
-    labels = np.concatenate([y, test[1]]) if test else y
-    classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
-    return SourceData(
-        x=x,
-        y=y,
-        classes=classes,
-        test_x=test[0] if test else None,
-        test_y=test[1] if test else None,
-    )
-
-
-SOURCES: dict[str, Callable[[str | None, bool], SourceData]] = {
-    "digits": load_digits_source,
-    "wine": load_wine_source,
-    "breast_cancer": load_breast_cancer_source,
-    "fashion_mnist": load_fashion_mnist_source,
-    "mnist": load_mnist_source,
-    "cifar10": load_cifar10_source,
-    "image_folder": load_image_folder_source,
-    "arrays": load_arrays_source,
-}
-
-
-def load_source(name: str, root: str | None = None, download: bool = False) -> SourceData:
-    """Load the source ``name``; downloads happen only when ``download`` is true."""
-    if name not in SOURCES:
-        raise ValueError(f"data.source={name!r} is unknown; choose one of: {', '.join(SOURCES)}")
-    data = SOURCES[name](root, download)
-    if len(data.x) == 0:
-        raise ValueError(f"data.source={name!r} (data.root={root!r}) holds no samples")
+    data = build_source(spec, root=root, download=download, **keys).load()
+    if not isinstance(data, SourceData):
+        raise TypeError(
+            f"data.source={source_label(spec)!r}: load() returned {type(data).__name__}, "
+            "not a dnn_tricks.data.sources.SourceData"
+        )
+    if len(data.y) == 0:
+        label = source_label(spec)
+        raise ValueError(f"data.source={label!r} (data.root={root!r}) holds no samples")
     return data
