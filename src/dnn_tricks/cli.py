@@ -34,6 +34,8 @@ def _run(args: list[str]) -> None:
         from dnn_tricks.commands.search import main as command_main
     elif command == "preview-augment":
         from dnn_tricks.commands.preview_augment import main as command_main
+    elif command == "prepare-data":
+        from dnn_tricks.commands.prepare_data import main as command_main
     else:
         from dnn_tricks.app import run_app as command_main
 
