@@ -29,7 +29,6 @@ from dnn_tricks.callbacks.figures import (
     NormalizationSpectrum,
     WeightHistograms,
 )
-from dnn_tricks.callbacks.hparams import HParamsSummary
 from dnn_tricks.callbacks.input_stats import InputStatsCheck
 from dnn_tricks.callbacks.precise_bn import PreciseBN
 from dnn_tricks.callbacks.running_stats import RunningStatsCheck
@@ -44,12 +43,7 @@ CONFIGURATIONS = {
     "RunningStatsCheck (100 steps, 8 batches)": lambda: [RunningStatsCheck()],
     "RunningStatsCheck every step": lambda: [RunningStatsCheck(every_n_steps=1)],
     "InputStatsCheck": lambda: [InputStatsCheck()],
-    "figures + HParams": lambda: [
-        NormalizationSpectrum(),
-        AugmentationGrid(),
-        ConfusionMatrix(),
-        HParamsSummary(),
-    ],
+    "figures": lambda: [NormalizationSpectrum(), AugmentationGrid(), ConfusionMatrix()],
     "WeightHistograms every epoch": lambda: [WeightHistograms()],
     "PreciseBN (200 batches)": lambda: [PreciseBN(checkpoint=None)],
 }

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dnn_tricks.callbacks.hparams import HParamsConfig
 from dnn_tricks.callbacks.predictions import PredictionWriter
 from dnn_tricks.callbacks.rng_state import RNGState
 from dnn_tricks.checkpoints import AtomicCheckpointIO, check_matches_model, read_checkpoint
@@ -33,6 +34,7 @@ class TrainerCLI(LightningCLI):
             seed_everything_default=0,
             parser_kwargs={"exit_on_error": False},
             auto_configure_optimizers=False,
+            save_config_callback=HParamsConfig,  # config.yaml + the TensorBoard HParams row
             args=args,
             run=run,
         )
