@@ -19,7 +19,7 @@ import yaml
 from conftest import CONFIGS
 from dnn_tricks.search import SearchConfig
 from dnn_tricks.search.config import parse_search_config, suggest
-from dnn_tricks.search.study import make_sampler
+from dnn_tricks.search.study import OVER_BUDGET, _Objective, make_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -98,8 +98,9 @@ def test_space_parses_and_samples_in_range(tmp_path: Path) -> None:
     [
         ({"x": {"type": "uniform", "lowe": 1}}, {}, "lowe"),
         ({"x": {"type": "unif", "low": 1, "high": 2}}, {}, "unif"),
-        ({"x": {"type": "uniform", "low": 2, "high": 1}}, {}, "space.x: low=2"),
-        ({"x": {"type": "log_uniform", "low": 0, "high": 1}}, {}, "space.x: a log scale"),
+        ({"x": {"type": "uniform", "low": 2, "high": 1}}, {}, "space.x: .*low <= high.*low=2"),
+        ({"x": {"type": "log_uniform", "low": 0, "high": 1}}, {}, "space.x: .*low > 0.*log"),
+        ({"x": {"type": "uniform", "low": 0, "high": 1, "step": -1}}, {}, "space.x: .*step > 0"),
         ({"x": {"type": "int", "low": 1.5, "high": 4}}, {}, "space.x: low=1.5"),
         ({"x": {"type": "categorical", "choices": []}}, {}, "space.x: a categorical"),
         ({}, {"n_trails": 3}, "n_trails"),
@@ -206,7 +207,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path: Path, run_
     states = {t.state.name for t in study.trials}
     assert states == {"FAIL", "COMPLETE"}, "seed 1 should draw good and bad trials"
     rows = read_csv(tmp_path / "search" / "tiny" / "trials.csv")
-    assert [r["error"] for r in rows] == [t.user_attrs.get("error", "") for t in study.trials]
+    assert [r["note"] for r in rows] == [t.user_attrs.get("error", "") for t in study.trials]
 
 
 def test_unlogged_metric_stops_the_search(tmp_path: Path, run_cli) -> None:
@@ -220,6 +221,7 @@ def test_unlogged_metric_stops_the_search(tmp_path: Path, run_cli) -> None:
 
 
 def run_workers(config: Path, cwd: Path, extra: list[str], workers: int = 2) -> None:
+    """``workers`` separate ``trainer search`` commands at once, as on separate machines."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "dnn_tricks.cli", "search", "--config", str(config)]
     procs = [
@@ -233,19 +235,60 @@ def run_workers(config: Path, cwd: Path, extra: list[str], workers: int = 2) -> 
         assert p.returncode == 0, out[-3000:]
 
 
-def check_shared_study(study: optuna.Study, n_trials: int) -> None:
-    trials = study.trials
-    assert len(trials) == n_trials
+def check_shared_study(study: optuna.Study, n_trials: int, folder: Path) -> None:
+    """Exactly n_trials fits, numbered 0..n-1, from both workers, none duplicated. A worker
+    that lost the race for the last number records a pruned trial it did not train."""
+    trials = [t for t in study.trials if t.number < n_trials]
     assert sorted(t.number for t in trials) == list(range(n_trials))
     assert all(t.state.name == "COMPLETE" for t in trials)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == n_trials  # no duplicate
     assert len({t.user_attrs["worker"] for t in trials}) == 2, "both workers ran trials"
+    for t in study.trials[n_trials:]:
+        assert t.state.name == "PRUNED" and t.user_attrs["note"] == OVER_BUDGET
+        assert not (folder / f"trial_{t.number}").exists()
+    assert len(study.trials) <= n_trials + 1
 
 
-def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
+def test_two_workers_share_one_sqlite_study(tmp_path: Path, run_cli) -> None:
     config = write_search(tmp_path, 4, {LR: SMALL_SPACE[LR]})
-    run_workers(config, tmp_path, [])
-    check_shared_study(load_study(tmp_path / "search" / "tiny" / "study.db"), 4)
+    run_cli(["search", "--config", config, "--workers=2"])
+    folder = tmp_path / "search" / "tiny"
+    check_shared_study(load_study(folder / "study.db"), 4, folder)
+
+
+def test_a_dead_workers_trial_is_failed_by_the_heartbeat_and_counted(
+    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from dnn_tricks.search import storage
+
+    monkeypatch.setattr(storage, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(storage, "GRACE_S", 1)
+    config = write_search(tmp_path, 2, {LR: SMALL_SPACE[LR]})
+    url = f"sqlite:///{tmp_path / 'search' / 'tiny' / 'study.db'}"
+    study = optuna.create_study(
+        study_name="tiny", direction="maximize", storage=storage.open_storage(url)
+    )
+
+    def die(trial: optuna.Trial) -> float:
+        raise SystemExit  # not caught by Optuna: trial 0 stays RUNNING, its heartbeat stops
+
+    with pytest.raises(SystemExit):
+        study.optimize(die)
+    time.sleep(2.5)
+    run_cli(["search", "--config", config])
+    trials = load_study(tmp_path / "search" / "tiny" / "study.db").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # n_trials=2 counts the dead
+
+
+def test_a_trial_numbered_past_the_budget_does_not_train(tmp_path: Path) -> None:
+    config = parse_search_config(["--config", str(write_search(tmp_path, 1, SMALL_SPACE))])
+    study = optuna.create_study()
+    study.ask()  # trial 0: another worker's, asked just before this worker's trial 1
+    study.optimize(_Objective(config, study), n_trials=5)  # the objective stops the loop
+    assert [t.state.name for t in study.trials] == ["RUNNING", "PRUNED"]
+    assert study.trials[1].user_attrs == {"note": OVER_BUDGET}
 
 
 POSTGRES = os.environ.get("DNN_TRICKS_TEST_POSTGRES_URL")
@@ -257,7 +300,8 @@ def test_two_workers_share_one_postgres_study(tmp_path: Path) -> None:
     config = write_search(tmp_path, 5, {LR: SMALL_SPACE[LR]}, study_name=name, storage=POSTGRES)
     try:
         run_workers(config, tmp_path, [])
-        check_shared_study(optuna.load_study(study_name=name, storage=POSTGRES), 5)
+        folder = tmp_path / "search" / name
+        check_shared_study(optuna.load_study(study_name=name, storage=POSTGRES), 5, folder)
     finally:
         optuna.delete_study(study_name=name, storage=POSTGRES)
 

@@ -21,11 +21,16 @@ __all__ = ["Param", "SearchConfig", "parse_search_config", "run_search"]
 
 
 def run_search(config: SearchConfig) -> dict[str, Any]:
-    """Run this worker's share of the study, then report it; returns the report's paths
-    and the best trial's test metrics."""
+    """Run the study (``config.workers`` processes here, each with its share), then report
+    it; returns the report's paths and the best trial's test metrics."""
+    from dnn_tricks.search.fit import quiet
     from dnn_tricks.search.report import report
-    from dnn_tricks.search.study import optimize, quiet
+    from dnn_tricks.search.study import check_keys, open_study, work
+    from dnn_tricks.search.workers import run_workers
 
     with quiet():
-        study = optimize(config)
-        return report(config, study)
+        if config.workers > 1:  # created and checked once here; the workers only load it
+            open_study(config)
+            check_keys(config)
+        run_workers(work, config, config.workers)
+        return report(config, open_study(config))

@@ -4,17 +4,22 @@ silent default) and the translation of sampled values into ``trainer`` command-l
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import optuna
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 
-PARAM_TYPES = ("uniform", "log_uniform", "int", "categorical")
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +62,8 @@ class SearchConfig:
         direction: ``maximize`` or ``minimize`` the metric.
         n_trials: total trials of the study (finished, pruned, failed or running, over all
             runs and workers); re-running the command continues up to this number.
+        workers: processes on this machine that share the study, one torch thread each;
+            more machines join by running the same command against a server ``storage``.
         sampler: ``random`` (default) or ``tpe`` (Tree-structured Parzen Estimator).
         seed: seed of the sampler; trial n samples with seed + n, so results do not depend
             on how many workers ran or in which order. null for a fresh seed each time.
@@ -95,6 +102,7 @@ class SearchConfig:
     timeout: float | None = None
     trial_timeout: float | None = None
     test_best: bool = True
+    workers: int = 1
 
     @property
     def study_dir(self) -> Path:
@@ -105,36 +113,36 @@ class SearchConfig:
         return self.storage or f"sqlite:///{self.study_dir / 'study.db'}"
 
 
-def _explain(error: ArgumentError) -> str:
+def _explain(error: ArgumentError, label: str) -> str:
     """jsonargparse's nested multi-line message as one line: the key chain and the reason."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     keys = [m.group(1) for line in lines for m in [re.match(r'Parser key "([^"]+)"', line)] if m]
     reason = lines[-1] if lines else type(error).__name__
-    return f"search config: {'.'.join(keys) + ': ' if keys else ''}{reason}"
+    return f"{label}: {'.'.join(keys) + ': ' if keys else ''}{reason}"
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="trainer search",
-        description="Random (or TPE) hyperparameter search with Optuna.",
-        exit_on_error=False,
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="Search config YAML.")
-    parser.add_class_arguments(SearchConfig)
-    return parser
+def parse_dataclass(
+    cls: type[T], argv: Sequence[str], prog: str, label: str
+) -> tuple[T, list[str]]:
+    """Command-line arguments (``--config`` files, then ``--key=value``) -> an instance of
+    the dataclass ``cls`` and the config paths given; ValueError names the key."""
+    summary = (cls.__doc__ or "").strip().split("\n")[0]
+    parser = ArgumentParser(prog=prog, description=summary, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="Config YAML.")
+    parser.add_class_arguments(cls)
+    try:
+        namespace = parser.parse_args(list(argv))
+    except ArgumentError as error:
+        raise ValueError(_explain(error, label)) from None
+    paths = [str(path) for path in namespace.pop("config", None) or []]
+    return cls(**vars(parser.instantiate(namespace))), paths
 
 
 def parse_search_config(argv: Sequence[str]) -> SearchConfig:
     """``trainer search`` arguments -> a checked SearchConfig (ValueError names the key)."""
-    parser = build_parser()
-    try:
-        namespace = parser.parse_args(list(argv))
-    except ArgumentError as error:
-        raise ValueError(_explain(error)) from None
-    paths = namespace.pop("config", None) or []
-    config = SearchConfig(**vars(parser.instantiate(namespace)))
+    config, paths = parse_dataclass(SearchConfig, argv, "trainer search", "search config")
     if config.study_name is None:
-        config.study_name = Path(str(paths[-1])).stem if paths else "search"
+        config.study_name = Path(paths[-1]).stem if paths else "search"
     check_config(config)
     return config
 
@@ -148,72 +156,88 @@ def check_config(config: SearchConfig) -> None:
             raise FileNotFoundError(f"search config: base config {path!r} does not exist")
     if config.n_trials < 1:
         raise ValueError(f"search config: n_trials={config.n_trials} must be >= 1")
+    if config.workers < 1:
+        raise ValueError(f"search config: workers={config.workers} must be >= 1")
     if not re.fullmatch(r"[\w.-]+", str(config.study_name)):
         raise ValueError(
             f"search config: study_name={config.study_name!r} must be a plain folder name"
         )
-    for key, param in config.space.items():
-        check_param(key, param)
+    distributions(config.space)
+    for key in config.space:
         if key in config.fixed:
             raise ValueError(f"search config: {key} is both in space and in fixed; keep one")
 
 
-def check_param(key: str, param: Param) -> None:
+def distribution(key: str, param: Param) -> BaseDistribution:
+    """The Optuna distribution of one parameter; its constructor checks the bounds, step and
+    log scale, and its message is prefixed with the key."""
     where = f"space.{key}"
     if param.type == "categorical":
         if not param.choices:
             raise ValueError(f"{where}: a categorical needs a non-empty list of choices")
-        return
+        choices = list(param.choices)
+        plain = all(_is_plain(c) for c in choices)
+        # Optuna stores only plain categorical values: lists (layer widths) go as JSON text.
+        return CategoricalDistribution(choices if plain else [json.dumps(c) for c in choices])
     if param.low is None or param.high is None:
         raise ValueError(f"{where}: type {param.type} needs low and high")
-    if not param.low < param.high:
-        raise ValueError(f"{where}: low={param.low} must be smaller than high={param.high}")
-    if (param.type == "log_uniform" or param.log) and param.low <= 0:
-        raise ValueError(f"{where}: a log scale needs low > 0 (got {param.low})")
     if param.type == "int":
         for name in ("low", "high", "step"):
             value = getattr(param, name)
+            # Optuna's IntDistribution truncates 1.5 to 1 silently; a typo should not.
             if value is not None and float(value) != int(value):
                 raise ValueError(f"{where}: {name}={value} must be an integer for type int")
-    if param.step is not None and (param.step <= 0 or param.type == "log_uniform"):
-        raise ValueError(f"{where}: step={param.step} must be > 0 and not used with log_uniform")
-    if param.step is not None and param.log:
-        raise ValueError(f"{where}: use either step or log, not both")
+    try:
+        if param.type == "int":
+            step = int(param.step) if param.step is not None else 1
+            return IntDistribution(int(param.low), int(param.high), log=param.log, step=step)
+        log = param.type == "log_uniform" or param.log
+        return FloatDistribution(param.low, param.high, log=log, step=param.step)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def distributions(space: dict[str, Param]) -> dict[str, BaseDistribution]:
+    return {key: distribution(key, param) for key, param in space.items()}
 
 
 def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def suggest(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
-    """Sample every parameter of ``space`` for ``trial`` -> {dotted key: value}.
-
-    Optuna stores only plain categorical values, so choices that are lists (layer widths)
-    are stored as their JSON text and decoded here."""
-    values: dict[str, Any] = {}
-    for key, p in space.items():
-        if p.type == "categorical":
-            choices = list(p.choices or [])
-            encoded = all(_is_plain(c) for c in choices)
-            stored = choices if encoded else [json.dumps(c) for c in choices]
-            picked = trial.suggest_categorical(key, stored)
-            values[key] = picked if encoded else json.loads(picked)
-        elif p.type == "int":
-            step = int(p.step) if p.step is not None else 1
-            values[key] = trial.suggest_int(key, int(p.low), int(p.high), step=step, log=p.log)
-        else:
-            log = p.type == "log_uniform" or p.log
-            values[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=log)
+def decode(space: dict[str, Param], params: dict[str, Any]) -> dict[str, Any]:
+    """Sampled Optuna params -> config values (JSON-encoded list choices decoded)."""
+    values = {}
+    for key, value in params.items():
+        choices = space[key].choices or []
+        encoded = space[key].type == "categorical" and not all(_is_plain(c) for c in choices)
+        values[key] = json.loads(value) if encoded else value
     return values
 
 
-def representative(param: Param) -> Any:
-    """A value inside the parameter's range, to check the config keys before any trial."""
-    if param.type == "categorical":
-        return (param.choices or [None])[0]
-    if param.type == "int":
-        return int(param.low)
-    return math.sqrt(param.low * param.high) if param.type == "log_uniform" else param.low
+def suggest(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
+    """Sample every parameter of ``space`` for ``trial`` -> {dotted key: value}.
+
+    (Optuna's public Trial API suggests by type, not by distribution object, hence the switch.)
+    """
+    params: dict[str, Any] = {}
+    for key, dist in distributions(space).items():
+        if isinstance(dist, CategoricalDistribution):
+            params[key] = trial.suggest_categorical(key, dist.choices)
+        elif isinstance(dist, IntDistribution):
+            params[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            params[key] = trial.suggest_float(
+                key, dist.low, dist.high, step=dist.step, log=dist.log
+            )
+    return decode(space, params)
+
+
+def sample_point(space: dict[str, Param]) -> dict[str, Any]:
+    """One point of the space, drawn by an in-memory study, to check the config keys
+    before any trial."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    return decode(space, study.ask(distributions(space)).params)
 
 
 def cli_value(value: Any) -> str:

@@ -14,27 +14,14 @@ from lightning.pytorch.cli import SaveConfigCallback as SaveConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from dnn_tricks.app import TrainerCLI
-from dnn_tricks.search.config import SearchConfig, suggest
-from dnn_tricks.search.study import training_args
-
-
-class _ConfigOnly(TrainerCLI):
-    """Parses and checks a training config like ``trainer``, without building anything."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
-def resolve_config(
-    config: SearchConfig, values: dict[str, Any], extra: list[str] | None = None
-) -> str:
-    """The complete training config (YAML) of base + fixed + values + extra."""
-    cli = _ConfigOnly(args=training_args(config, values) + (extra or []), run=False)
-    return cli.parser.dump(cli.config)
+from dnn_tricks.search.config import SearchConfig, decode
+from dnn_tricks.search.fit import resolve_config, training_args
+from dnn_tricks.search.study import best_config_args
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, duration, each parameter, error."""
+    """One row per trial: number, state, value, duration, each parameter, and a note (the
+    error of a failed trial, why a trial did not run)."""
     trials = study.get_trials(deepcopy=False)
     keys = sorted({key for t in trials for key in t.params})
     rows = []
@@ -46,7 +33,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "duration_s": round(t.duration.total_seconds(), 1) if t.duration else "",
         }
         row.update({key: t.params.get(key, "") for key in keys})
-        row["error"] = t.user_attrs.get("error", "")
+        row["note"] = t.user_attrs.get("error") or t.user_attrs.get("note", "")
         rows.append(row)
     return rows
 
@@ -83,20 +70,13 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return study.best_trial if complete else None
 
 
-def best_config_args(config: SearchConfig) -> list[str]:
-    """Where a fresh ``trainer fit`` of a trial's config logs: logs/<study>_best."""
-    return [
-        "--trainer.logger.init_args.save_dir=logs",
-        f"--trainer.logger.init_args.name={config.study_name}_best",
-    ]
-
-
 def write_best_config(config: SearchConfig, best: FrozenTrial, path: Path) -> None:
     """The config the best trial ran (stored with it), logging to logs/<study>_best."""
     text = best.user_attrs.get("config")
     if text is None:  # a study from before configs were stored: resolve it again
-        values = suggest(optuna.trial.FixedTrial(best.params), config.space)
-        text = resolve_config(config, values, best_config_args(config))
+        values = decode(config.space, best.params)
+        args = training_args(config.base, config.fixed, values)
+        text = resolve_config(args + best_config_args(config))
     header = (
         f"# Best of search {config.study_name!r}: trial {best.number}, "
         f"{config.metric}={best.value:.6g}.\n# Run it: trainer fit --config {path}\n"
