@@ -1,15 +1,20 @@
-"""Regularizers against hand computations and exact autograd Jacobians."""
+"""Regularizers against hand computations and exact autograd Jacobians, and the
+regularizer objects wired into the classifier's loss and optimizer step."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from dnn_tricks.jacobian import jacobian_norm, jacobian_penalty
 from dnn_tricks.regularize import (
+    L1,
+    L2,
+    Jacobian,
+    MaxNorm,
     apply_max_norm,
     decay_param_groups,
-    jacobian_norm,
-    jacobian_penalty,
     l1_penalty,
     l2_penalty,
     penalized_weights,
@@ -227,3 +232,91 @@ def test_legacy_weight_norm_hook_is_treated_like_the_parametrization() -> None:
     layer(torch.zeros(1, 4))  # the hook form recomputes `weight` in the forward pre-hook
     norms = _row_norms(layer.weight)
     assert norms.tolist() == pytest.approx([2.0, 0.5, 2.0], rel=1e-6)
+
+
+# ---------------------------------------------------------------- regularizer objects
+
+
+# the classifier's steps are called here without a Trainer, which self.log() warns about
+no_trainer = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+
+
+def _classifier(regularizers, hidden=(16,)):
+    from functools import partial
+
+    from dnn_tricks.models.classifier import Classifier
+    from dnn_tricks.models.input_norm import NormalizeConfig
+    from dnn_tricks.models.nets import MLP
+
+    torch.manual_seed(0)
+    return Classifier(
+        net=partial(MLP, hidden=list(hidden), activation="tanh"),
+        input_norm=NormalizeConfig(kind="none"),
+        input_shape=(6,),
+        num_classes=4,
+        regularizers=regularizers,
+    ).double()
+
+
+@no_trainer
+def test_training_loss_is_data_loss_plus_each_weighted_term() -> None:
+    regs = [L1(1e-3), L2(1e-2), Jacobian(0.5, projections=-1)]
+    model = _classifier(regs)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    calls = []
+    model.net.register_forward_hook(lambda *_: calls.append(1))
+    loss = model.training_step((x, y), 0)
+    assert len(calls) == 1  # the Jacobian's forward also gives the loss its logits
+
+    weights = [w.detach().numpy() for w in penalized_weights(model.net)]
+    l1 = 1e-3 * sum(np.abs(w).sum() for w in weights)
+    l2 = 1e-2 * sum((w**2).sum() for w in weights)
+    jac = 0.5 * 0.5 * _exact_sq_norms(model.net, x).mean().item()
+    data = torch.nn.functional.cross_entropy(model.net(x), y).item()
+    assert loss.item() == pytest.approx(data + l1 + l2 + jac, rel=1e-10)
+    assert [r.name for r in regs] == ["l1", "l2", "jacobian"]
+
+
+@no_trainer
+def test_max_norm_object_acts_after_the_optimizer_step_only() -> None:
+    model = _classifier([MaxNorm(c=0.5)])
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 3] * 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=50.0)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model.training_step((x, y), 0)
+        loss.backward()
+        return loss
+
+    terms, _ = model._penalties(x)
+    assert terms == {}  # a constraint adds nothing to the loss
+    unconstrained = _classifier([])
+    unconstrained.load_state_dict(model.state_dict())
+    plain = torch.optim.SGD(unconstrained.parameters(), lr=50.0)
+    loss = unconstrained.training_step((x, y), 0)
+    loss.backward()
+    plain.step()
+    assert max(_row_norms(w).max() for w in penalized_weights(unconstrained.net)) > 0.5
+
+    model.optimizer_step(0, 0, optimizer, closure)
+    for w, free in zip(
+        penalized_weights(model.net), penalized_weights(unconstrained.net), strict=True
+    ):
+        norms = _row_norms(free)
+        expected = free.detach() * (0.5 / norms).clamp(max=1.0)[:, None]  # renorm's rule
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_regularizer_list_errors_name_the_key() -> None:
+    with pytest.raises(ValueError, match="more than one term named l2"):
+        _classifier([L2(1e-3), L2(1e-4)])
+    with pytest.raises(TypeError, match="model.regularizers entries must be"):
+        _classifier([0.1])
+    with pytest.raises(ValueError, match="L1 weight=-1"):
+        L1(-1.0)
+    with pytest.raises(ValueError, match="MaxNorm c=0"):
+        MaxNorm(0.0)
+    with pytest.raises(ValueError, match="Jacobian projections=0"):
+        Jacobian(0.1, projections=0)

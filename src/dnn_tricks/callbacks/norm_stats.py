@@ -1,8 +1,12 @@
 """Running statistics of normalization layers: finding them, checking their health and
 measuring how far they drift from the statistics their inputs actually have.
 
-Shared by RunningStatsCheck and PreciseBN. A layer with running statistics is a BatchNorm
-that tracks them, or an IterNorm (running mean and running whitening matrix).
+Shared by RunningStatsCheck and PreciseBN. Which layers have running statistics, and which
+buffers those are, is defined once in ``dnn_tricks.norm_layers`` (buffers named
+``running_*``): BatchNorm that tracks them, IterNorm (running mean and whitening matrix),
+or a layer of the user's that follows the same naming. Health checks read any of them; the
+drift measure knows two kinds, a running variance (BatchNorm-like) and a running whitening
+matrix (IterNorm-like).
 """
 
 from __future__ import annotations
@@ -15,31 +19,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dnn_tricks.norm_layers import running_buffers
+from dnn_tricks.norm_layers import running_stat_layers as running_stat_layers  # re-exported
+
 # ----------------------------------------------------------------------------- layers
 
 
 def is_iternorm(module: nn.Module) -> bool:
-    """IterNorm (or any layer with a running mean and a running whitening matrix)."""
-    return isinstance(getattr(module, "running_whiten", None), Tensor)
+    """IterNorm-like: its running statistics include a whitening matrix."""
+    return "running_whiten" in running_buffers(module)
 
 
-def running_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every BatchNorm that tracks running statistics and every IterNorm."""
-    found = []
-    for name, module in model.named_modules():
-        tracked = isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(
-            module.running_mean, Tensor
-        )
-        if tracked or is_iternorm(module):
-            found.append((name, module))
-    return found
-
-
-def running_buffers(layer: nn.Module) -> dict[str, Tensor]:
-    """The running buffers of one layer (mean and variance, or mean and whitening matrix)."""
-    names = ("running_mean", "running_whiten") if is_iternorm(layer) else ("running_mean",)
-    names += () if is_iternorm(layer) else ("running_var",)
-    return {n: getattr(layer, n) for n in names}
+def has_batch_statistics(module: nn.Module) -> bool:
+    """Whether the drift measure applies: a running variance or whitening matrix estimated
+    from batch statistics over (N, H, W). InstanceNorm's tracked statistics average
+    per-sample ones instead, which :class:`BatchStatistics` does not measure."""
+    bufs = running_buffers(module)
+    per_sample = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+    known = "running_mean" in bufs and ("running_var" in bufs or "running_whiten" in bufs)
+    return known and not isinstance(module, per_sample)
 
 
 def health_flags(layer: nn.Module) -> Tensor:
@@ -47,10 +45,11 @@ def health_flags(layer: nn.Module) -> Tensor:
     whitening matrix (an average of SPD matrices) needs a positive diagonal."""
     bufs = running_buffers(layer)
     finite = torch.stack([torch.isfinite(b).all() for b in bufs.values()]).all()
-    if is_iternorm(layer):
-        admissible = (bufs["running_whiten"].diagonal(dim1=-2, dim2=-1) > 0).all()
-    else:
-        admissible = (bufs["running_var"] >= 0).all()
+    admissible = torch.ones((), dtype=torch.bool, device=finite.device)
+    if "running_whiten" in bufs:
+        admissible = admissible & (bufs["running_whiten"].diagonal(dim1=-2, dim2=-1) > 0).all()
+    if "running_var" in bufs:
+        admissible = admissible & (bufs["running_var"] >= 0).all()
     return torch.stack([finite, admissible])
 
 
@@ -72,7 +71,7 @@ def describe_unhealthy(layers: list[tuple[str, nn.Module]]) -> list[str]:
             what = (
                 "running_whiten has a non-positive diagonal entry"
                 if is_iternorm(layer)
-                else ("running_var has negative entries")
+                else "running_var has negative entries"
             )
             parts.append(what)
         problems.append(f"{name}: {'; '.join(parts)}")
@@ -161,9 +160,9 @@ def layer_drift(name: str, layer: nn.Module, ref: dict[str, Tensor]) -> Drift:
         var_ref = (w_ref @ sigma @ w_ref.transpose(1, 2)).diagonal(dim1=-2, dim2=-1).flatten()
         log_std = 0.5 * (var_run.clamp_min(1e-300) / var_ref.clamp_min(1e-300)).log()
     else:
-        run_var = layer.running_var.double()
-        shift = delta / (run_var + layer.eps).sqrt()
-        log_std = 0.5 * ((ref["var"] + layer.eps) / (run_var + layer.eps)).log()
+        run_var, eps = layer.running_var.double(), getattr(layer, "eps", 0.0)
+        shift = delta / (run_var + eps).sqrt()
+        log_std = 0.5 * ((ref["var"] + eps) / (run_var + eps)).log()
     worst = torch.maximum(shift.abs(), log_std.abs())
     channel = int(worst.argmax())
     return Drift(
@@ -198,9 +197,11 @@ def measure_drift(
 ) -> list[Drift]:
     """Run ``inputs`` through ``model`` in eval mode without gradients (running buffers stay
     untouched) and compare each layer's running statistics with its inputs' statistics.
+    Layers without batch statistics (:func:`has_batch_statistics`) are left out.
 
     ``reduce(tensor)`` sums a tensor over processes (DDP); None for one process.
     """
+    layers = [(name, layer) for name, layer in layers if has_batch_statistics(layer)]
     hooks = [BatchStatistics(m) for _, m in layers]
     handles = [m.register_forward_pre_hook(h) for (_, m), h in zip(layers, hooks, strict=True)]
     try:

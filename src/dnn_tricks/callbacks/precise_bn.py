@@ -19,12 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from dnn_tricks.callbacks.norm_stats import (
-    eval_mode,
-    modes_restored,
-    running_buffers,
-    running_stat_layers,
-)
+from dnn_tricks.callbacks.norm_stats import eval_mode, modes_restored
 from dnn_tricks.callbacks.trainer_utils import (
     batch_inputs,
     cycle,
@@ -34,14 +29,22 @@ from dnn_tricks.callbacks.trainer_utils import (
     sum_over_processes,
     to_model,
 )
+from dnn_tricks.norm_layers import running_buffers, running_stat_layers
+
+
+def averaged_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The running-statistics layers PreciseBN can recompute: those updating them as
+    ``(1 - momentum) running + momentum batch`` through a ``momentum`` attribute."""
+    return [(n, m) for n, m in running_stat_layers(model) if hasattr(m, "momentum")]
 
 
 @torch.no_grad()
 def recompute_statistics(
     model: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any], num_batches: int
 ) -> int:
-    """Replace every BatchNorm / IterNorm running statistic of ``model`` by its plain average
-    over ``num_batches`` batches, with the weights fixed; returns the batches used.
+    """Replace the running statistics of every layer of ``model`` that keeps them with a
+    BatchNorm-style ``momentum`` (:func:`averaged_layers`) by their plain average over
+    ``num_batches`` batches, with the weights fixed; returns the batches used.
 
     The model runs in train mode (dropout too, as in training, whose statistics the eval
     model was trained to expect), and before batch k (0-based) each layer's momentum is set
@@ -50,7 +53,7 @@ def recompute_statistics(
     norm, but also valid for IterNorm's running whitening matrix). Momentum, train/eval flags
     and ``num_batches_tracked`` are restored afterwards.
     """
-    layers = [m for _, m in running_stat_layers(model)]
+    layers = [m for _, m in averaged_layers(model)]
     momenta = [m.momentum for m in layers]
     tracked = [getattr(m, "num_batches_tracked", None) for m in layers]
     tracked = [t.clone() if isinstance(t, Tensor) else None for t in tracked]
@@ -72,8 +75,9 @@ def recompute_statistics(
 
 
 class PreciseBN(Callback):
-    """After fit, recompute every BatchNorm / IterNorm running statistic with the final
-    weights as a plain average over ``num_batches`` training batches.
+    """After fit, recompute every running statistic (BatchNorm, IterNorm, any layer with
+    ``running_*`` buffers and a ``momentum``) with the final weights as a plain average
+    over ``num_batches`` training batches.
 
     Runs at ``on_train_end``: after the last epoch's checkpoints, before Lightning's
     teardown. Logs ``val/acc_before_precise_bn`` and ``val/acc_precise_bn`` (top-1 accuracy
@@ -121,9 +125,15 @@ class PreciseBN(Callback):
         self.saved_path: str | None = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        layers = running_stat_layers(pl_module)
+        layers = averaged_layers(pl_module)
+        others = {name for name, _ in running_stat_layers(pl_module)} - dict(layers).keys()
+        if others:
+            rank_zero_warn(
+                f"PreciseBN: {', '.join(sorted(others))} keep running statistics without a "
+                "momentum attribute; left as they are"
+            )
         if not layers:
-            rank_zero_warn("PreciseBN: the model has no BatchNorm or IterNorm layer; skipped")
+            rank_zero_warn("PreciseBN: the model has no layer with running statistics; skipped")
             return
         loader = first_loader(trainer.train_dataloader)
         if loader is None:

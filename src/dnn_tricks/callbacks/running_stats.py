@@ -20,19 +20,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from dnn_tricks.callbacks.norm_stats import (
-    describe_unhealthy,
-    health_flags,
-    measure_drift,
-    running_buffers,
-    running_stat_layers,
-)
+from dnn_tricks.callbacks.norm_stats import describe_unhealthy, health_flags, measure_drift
 from dnn_tricks.callbacks.trainer_utils import (
     batch_inputs,
     eager_network,
     log_scalars,
     sum_over_processes,
 )
+from dnn_tricks.norm_layers import running_buffers, running_stat_layers
 
 Action = Literal["warn", "raise"]
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
 from dnn_tricks.models.init import init_weights
 from dnn_tricks.models.layers import (
+    LayerSpec,
+    activation_name,
+    adds_norm_layer,
     apply_weight_norm,
     check_choice,
     create_activation,
     create_norm_layer,
+    uses_weight_norm,
 )
 
 NormPosition = Literal["before", "after"]
@@ -29,9 +33,9 @@ def hidden_block(
     width: int,
     *,
     spatial: bool,
-    norm: str,
+    norm: Any,
     norm_position: NormPosition,
-    activation: str,
+    activation: Any,
     num_groups: int,
     dropout: float,
 ) -> nn.Sequential:
@@ -43,16 +47,15 @@ def hidden_block(
     check_choice("norm_position", norm_position, ("before", "after"))
     name = "conv" if spatial else "linear"
     parts: list[tuple[str, nn.Module]] = [
-        (name, apply_weight_norm(layer) if norm == "weight" else layer)
+        (name, apply_weight_norm(layer) if uses_weight_norm(norm) else layer)
     ]
-    norm_layer = create_norm_layer(norm, width, spatial, num_groups)
     act = create_activation(activation)
-    if norm in ("none", "weight"):
+    if not adds_norm_layer(norm):
         parts.append(("act", act))
     elif norm_position == "before":
-        parts += [("norm", norm_layer), ("act", act)]
+        parts += [("norm", create_norm_layer(norm, width, spatial, num_groups)), ("act", act)]
     else:
-        parts += [("act", act), ("norm", norm_layer)]
+        parts += [("act", act), ("norm", create_norm_layer(norm, width, spatial, num_groups))]
     if dropout > 0:
         parts.append(("dropout", nn.Dropout2d(dropout) if spatial else nn.Dropout(dropout)))
     return nn.Sequential(OrderedDict(parts))
@@ -83,8 +86,12 @@ class MLP(nn.Module):
         input_shape: shape of one input (filled in from the data; images are flattened).
         num_classes: number of output logits (filled in from the data).
         hidden: width of each hidden layer.
-        activation: relu, leaky_relu, elu, gelu, silu, tanh or sigmoid.
-        norm: none, batch, layer, group, weight or iter (batch whitening) for hidden layers.
+        activation: relu, leaky_relu, elu, gelu, silu, tanh, sigmoid, or a class path /
+            {class_path, init_args} of any activation module (e.g. torch.nn.Mish).
+        norm: none, batch, layer, group, weight or iter (batch whitening) for hidden layers,
+            or a class path / {class_path, init_args} of any norm layer, built with the
+            layer width as its first unset argument (e.g. torch.nn.RMSNorm;
+            see ``dnn_tricks.models.layers``).
         norm_position: ``before`` or ``after`` the activation.
         num_groups: groups for ``group`` norm and ``iter`` batch whitening.
         dropout: drop probability of hidden units (torch convention: p drops, 1-p keeps).
@@ -99,8 +106,8 @@ class MLP(nn.Module):
         input_shape: Sequence[int],
         num_classes: int,
         hidden: Sequence[int] = (256, 128),
-        activation: str = "relu",
-        norm: str = "none",
+        activation: LayerSpec = "relu",
+        norm: LayerSpec = "none",
         norm_position: NormPosition = "before",
         num_groups: int = 8,
         dropout: float = 0.0,
@@ -132,7 +139,7 @@ class MLP(nn.Module):
             width = out
         layers.append(nn.Linear(width, num_classes))
         self.layers = nn.Sequential(*layers)
-        init_weights(self, init, nonlinearity=activation)
+        init_weights(self, init, nonlinearity=activation_name(activation))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
@@ -148,9 +155,15 @@ class ConvNet(nn.Module):
         channels: output channels of each stage.
         convs_per_stage: 3x3 convolutions per stage.
         hidden: widths of the fully connected layers after the last stage.
-        activation: relu, leaky_relu, elu, gelu, silu, tanh or sigmoid.
+        activation: relu, leaky_relu, elu, gelu, silu, tanh, sigmoid, or a class path /
+            {class_path, init_args} of any activation module.
         norm: none, batch, layer, instance, group, weight or iter, for conv and fc layers
-            (``instance`` applies to the conv layers only; fc layers then use none).
+            (``instance`` applies to the conv layers only; fc layers then use none), or a
+            class path / {class_path, init_args} of any norm layer: it gets (N, C, H, W)
+            after convs (see ``dnn_tricks.models.layers`` for LayerNorm / RMSNorm).
+        fc_norm: norm of the fully connected hidden layers, which get (N, C); null uses
+            ``norm``. Set it when ``norm`` is a conv-only class (torch.nn.BatchNorm2d:
+            fc_norm torch.nn.BatchNorm1d or batch).
         norm_position: ``before`` or ``after`` the activation.
         num_groups: groups for ``group`` norm and ``iter`` batch whitening.
         dropout: drop probability of the fully connected hidden units.
@@ -172,8 +185,9 @@ class ConvNet(nn.Module):
         channels: Sequence[int] = (32, 64),
         convs_per_stage: int = 2,
         hidden: Sequence[int] = (128,),
-        activation: str = "relu",
-        norm: str = "batch",
+        activation: LayerSpec = "relu",
+        norm: LayerSpec = "batch",
+        fc_norm: LayerSpec | None = None,
         norm_position: NormPosition = "before",
         num_groups: int = 8,
         dropout: float = 0.0,
@@ -200,7 +214,9 @@ class ConvNet(nn.Module):
         if stem == "patch_whiten":
             from dnn_tricks.models.patch_whiten import PatchWhitening
 
-            whiten = PatchWhitening(in_ch, patch_size=patch_size, eps=patch_eps)
+            whiten = PatchWhitening(
+                in_ch, patch_size=patch_size, eps=patch_eps, max_images=patch_n_images
+            )
             features += [whiten, create_activation(activation)]
             in_ch = whiten.out_channels
             height, width = height - patch_size + 1, width - patch_size + 1
@@ -214,7 +230,7 @@ class ConvNet(nn.Module):
             stage: list[nn.Module] = []
             for _ in range(convs_per_stage):
                 # A conv feeding the activation directly (no norm, or norm after) needs its bias.
-                has_bias = norm in ("none", "weight") or norm_position == "after"
+                has_bias = not adds_norm_layer(norm) or norm_position == "after"
                 conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=has_bias)
                 stage.append(hidden_block(conv, out_ch, spatial=True, dropout=0.0, **block_args))
                 in_ch = out_ch
@@ -229,7 +245,8 @@ class ConvNet(nn.Module):
                 "images; shorten model.net.channels"
             )
         self.features = nn.Sequential(*features)
-        fc_norm = "none" if norm == "instance" else norm
+        if fc_norm is None:
+            fc_norm = "none" if norm == "instance" else norm
         head: list[nn.Module] = [nn.Flatten()]
         size = in_ch * height * width
         for index, out in enumerate(hidden):
@@ -246,7 +263,7 @@ class ConvNet(nn.Module):
             size = out
         head.append(nn.Linear(size, num_classes))
         self.head = nn.Sequential(*head)
-        init_weights(self, init, nonlinearity=activation)
+        init_weights(self, init, nonlinearity=activation_name(activation))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dnn_tricks.models.init import init_weights
 from dnn_tricks.models.layers import (
+    LayerSpec,
+    activation_name,
+    adds_norm_layer,
     apply_weight_norm,
     check_choice,
     create_activation,
     create_norm_layer,
+    uses_weight_norm,
 )
 from dnn_tricks.models.nets import (
     NormPosition,
@@ -28,9 +32,6 @@ from dnn_tricks.models.nets import (
     hidden_block,
     require_image_shape,
 )
-
-# Norm names that add no layer: the block then is conv -> act whatever norm_position says.
-_NO_NORM_LAYER = ("none", "weight")
 
 
 class PadShortcut(nn.Module):
@@ -66,30 +67,32 @@ class BasicBlock(nn.Module):
         out_channels: int,
         stride: int,
         *,
-        norm: str,
+        norm: Any,
         norm_position: NormPosition,
-        activation: str,
+        activation: Any,
         num_groups: int,
         spatial_dropout: float,
         shortcut: str,
     ) -> None:
         super().__init__()
-        post_add = norm in _NO_NORM_LAYER or norm_position == "before"
+        # Without a norm layer the block is conv -> act whatever norm_position says.
+        has_norm = adds_norm_layer(norm)
+        post_add = not has_norm or norm_position == "before"
         units = [(1, in_channels, stride), (2, out_channels, 1)]
         parts: list[tuple[str, nn.Module]] = []
         for index, channels, step in units:
             # A bias right before a norm layer is cancelled by the norm's mean subtraction.
-            bias = norm in _NO_NORM_LAYER or norm_position == "after"
+            bias = not has_norm or norm_position == "after"
             conv = nn.Conv2d(channels, out_channels, 3, stride=step, padding=1, bias=bias)
-            parts.append((f"conv{index}", apply_weight_norm(conv) if norm == "weight" else conv))
-            norm_layer = (f"norm{index}", create_norm_layer(norm, out_channels, True, num_groups))
+            conv = apply_weight_norm(conv) if uses_weight_norm(norm) else conv
+            parts.append((f"conv{index}", conv))
             act = (f"act{index}", create_activation(activation))
-            if norm in _NO_NORM_LAYER:
+            if not has_norm:
                 parts.append(act)
-            elif norm_position == "before":
-                parts += [norm_layer, act]
             else:
-                parts += [act, norm_layer]
+                layer = create_norm_layer(norm, out_channels, True, num_groups)
+                unit = [(f"norm{index}", layer), act]
+                parts += unit if norm_position == "before" else unit[::-1]
             if index == 1 and spatial_dropout > 0:
                 parts.append(("dropout", nn.Dropout2d(spatial_dropout)))
         if post_add:
@@ -114,12 +117,19 @@ class BasicBlock(nn.Module):
                 else conv.weight
             )
         else:
-            target = last.weight
+            # the scale of a norm given by class path may sit in a wrapper (ChannelsLast)
+            scales = [p for name, p in last.named_parameters() if name.split(".")[-1] == "weight"]
+            if not scales:
+                raise ValueError(
+                    f"zero_init_residual needs a norm layer with a learnable scale (weight); "
+                    f"{type(last).__name__} has none: set zero_init_residual: false"
+                )
+            target = scales[0]
         nn.init.zeros_(target)
 
 
 def _shortcut(
-    kind: str, in_channels: int, out_channels: int, stride: int, norm: str, num_groups: int
+    kind: str, in_channels: int, out_channels: int, stride: int, norm: Any, num_groups: int
 ) -> nn.Module:
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
@@ -131,8 +141,8 @@ def _shortcut(
             )
         return PadShortcut(in_channels, out_channels, stride)
     # Option B: a 1x1 projection, normalized like the branch it is added to.
-    conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=norm in _NO_NORM_LAYER)
-    if norm == "weight":
+    conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=not adds_norm_layer(norm))
+    if uses_weight_norm(norm):
         conv = apply_weight_norm(conv)
     return nn.Sequential(
         OrderedDict(
@@ -151,11 +161,14 @@ class ResNet(nn.Module):
             ``blocks_per_stage`` is set.
         blocks_per_stage: n basic blocks per stage; overrides ``depth`` when set.
         width: channels w of the first stage; later stages use 2w and 4w.
-        norm: none, batch, layer, instance, group, weight or iter, for every conv.
+        norm: none, batch, layer, instance, group, weight or iter, for every conv, or a
+            class path / {class_path, init_args} of any norm layer taking (N, C, H, W)
+            (see ``dnn_tricks.models.layers``; e.g. torch.nn.GroupNorm with num_groups).
         norm_position: ``before`` the activation (conv-norm-act, He et al.'s block, whose
             last activation follows the addition) or ``after`` it (conv-act-norm in both
             units of the branch, nothing after the addition). See BasicBlock.
-        activation: relu, leaky_relu, elu, gelu, silu, tanh or sigmoid.
+        activation: relu, leaky_relu, elu, gelu, silu, tanh, sigmoid, or a class path /
+            {class_path, init_args} of any activation module.
         num_groups: groups for ``group`` norm and ``iter`` batch whitening.
         dropout: drop probability of the pooled features before the fc layer.
         spatial_dropout: Dropout2d probability between the two convs of every block.
@@ -181,9 +194,9 @@ class ResNet(nn.Module):
         depth: int = 20,
         blocks_per_stage: int | None = None,
         width: int = 16,
-        norm: str = "batch",
+        norm: LayerSpec = "batch",
         norm_position: NormPosition = "before",
-        activation: str = "relu",
+        activation: LayerSpec = "relu",
         num_groups: int = 8,
         dropout: float = 0.0,
         spatial_dropout: float = 0.0,
@@ -216,11 +229,13 @@ class ResNet(nn.Module):
         if stem == "patch_whiten":
             from dnn_tricks.models.patch_whiten import PatchWhitening
 
-            whiten = PatchWhitening(in_ch, patch_size=patch_size, eps=patch_eps)
+            whiten = PatchWhitening(
+                in_ch, patch_size=patch_size, eps=patch_eps, max_images=patch_n_images
+            )
             layers += [("whiten", whiten), ("whiten_act", create_activation(activation))]
             in_ch = whiten.out_channels
         unit = dict(norm=norm, norm_position=norm_position, activation=activation)
-        conv = nn.Conv2d(in_ch, width, 3, padding=1, bias=norm in _NO_NORM_LAYER)
+        conv = nn.Conv2d(in_ch, width, 3, padding=1, bias=not adds_norm_layer(norm))
         layers.append(
             (
                 "stem",
@@ -255,7 +270,7 @@ class ResNet(nn.Module):
             head.append(("dropout", nn.Dropout(dropout)))
         head.append(("fc", nn.Linear(in_ch, num_classes)))
         self.head = nn.Sequential(OrderedDict(head))
-        init_weights(self, init, nonlinearity=activation)
+        init_weights(self, init, nonlinearity=activation_name(activation))
         if zero_init_residual:
             for module in self.modules():
                 if isinstance(module, BasicBlock):
