@@ -167,3 +167,41 @@ def test_one_definition_of_running_statistics():
     assert not is_norm_layer(nn.Linear(3, 3))
     model = nn.Sequential(nn.Linear(3, 3), tracked, nn.Sequential(untracked, IterNorm(4, 2)))
     assert [name for name, _ in running_stat_layers(model)] == ["1", "2.1"]
+
+
+@pytest.mark.parametrize(
+    ("net", "norm", "norm_class"),
+    [
+        ("dnn_tricks.models.nets.MLP", "torch.nn.RMSNorm", nn.RMSNorm),
+        (
+            "dnn_tricks.models.nets.ConvNet",
+            "{class_path: torch.nn.GroupNorm, init_args: {num_groups: 4}}",
+            nn.GroupNorm,
+        ),
+    ],
+)
+def test_class_path_norms_through_the_cli(run_cli, tmp_path, net, norm, norm_class):
+    from conftest import CONFIGS, shrink_args
+    from dnn_tricks.models.classifier import Classifier
+
+    run_cli(
+        [
+            "fit",
+            "--config",
+            CONFIGS / "digits.yaml",
+            f"--model.net={net}",
+            f"--model.net.init_args.norm={norm}",
+            *shrink_args(tmp_path / "logs", epochs=1, batches=2),
+        ]
+    )
+    (ckpt,) = (tmp_path / "logs").glob("*/version_0/checkpoints/last.ckpt")
+    assert (
+        f"{norm_class.__module__.split('.modules')[0]}.{norm_class.__name__}"
+        in (ckpt.parents[1] / "config.yaml").read_text()
+    )
+    # the checkpoint rebuilds the same net from its saved config, weights only
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    rebuilt = Classifier.load_from_checkpoint(ckpt, weights_only=True)
+    norms = [m for m in rebuilt.net.modules() if isinstance(m, norm_class)]
+    assert norms and all(not running_buffers(m) for m in norms)
+    assert set(state) == set(rebuilt.state_dict())

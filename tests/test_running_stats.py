@@ -232,3 +232,20 @@ def test_state_is_restored_on_resume(tmp_path):
 def test_misconfiguration_names_the_argument(kwargs, key):
     with pytest.raises(ValueError, match=key):
         RunningStatsCheck(**kwargs)
+
+
+def test_drift_is_measured_only_for_batch_statistics():
+    """InstanceNorm's tracked statistics average per-sample ones, and a layer with a running
+    mean alone has no spread to compare: their health is checked, their drift is not."""
+    from plugins.my_norm import MeanOnlyBatchNorm
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 1),
+        nn.InstanceNorm2d(3, track_running_stats=True),
+        MeanOnlyBatchNorm(3),
+        nn.BatchNorm2d(3),
+    )
+    layers = running_stat_layers(model)
+    assert [name for name, _ in layers] == ["1", "2", "3"]
+    drifts = measure_drift(model, [torch.randn(4, 2, 5, 5)], layers)
+    assert [d.layer for d in drifts] == ["3"]

@@ -1,4 +1,4 @@
-"""RunningStatsCheck: are the BatchNorm / IterNorm running statistics healthy?
+"""RunningStatsCheck: are the running statistics of the norm layers healthy?
 
 Eval-mode predictions rest entirely on running buffers that no gradient ever checks. Three
 ways they silently go wrong, each caught here:
@@ -46,7 +46,8 @@ def _identical(a: Tensor, b: Tensor) -> bool:
 
 
 class RunningStatsCheck(Callback):
-    """Checks the running statistics of every BatchNorm and IterNorm layer during fit.
+    """Checks the running statistics of every layer that keeps them during fit: BatchNorm,
+    IterNorm, or any layer with ``running_*`` buffers (``dnn_tricks.norm_layers``).
 
     * Health: every ``every_n_steps`` training steps and at the end of every validation, all
       running buffers must be finite, variances >= 0 and whitening diagonals > 0; otherwise
