@@ -181,7 +181,7 @@ def build_source(spec: str | Source, **keys: Any) -> Source:
             f"data.{unused[0]} does not apply to data.source={spec!r}; remove it "
             f"(that source takes: {', '.join(p for p in accepted if p != 'self') or 'nothing'})"
         )
-    return cls(**{k: v for k, v in keys.items() if k in accepted})
+    return cls(**{k: v for k, v in keys.items() if k in accepted and v is not None})
 
 
 def source_label(spec: str | Source) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ def write_chunks(datamodule: Any, out: str, workers: int = 1, chunk_bytes: str =
             keep_data_ordered=True,  # global index i is the split's sample i
             reorder_files=False,
             verbose=False,
+            # fork: workers inherit the split instead of re-importing torch and unpickling it
+            start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
         )
         np.save(target / f"y_{split}.npy", np.asarray(y, dtype=np.int64))
         meta["counts"][split] = len(y)
