@@ -32,6 +32,8 @@ def _run(args: list[str]) -> None:
     command = args[0] if args else ""
     if command == "search":
         from dnn_tricks.commands.search import main as command_main
+    elif command == "ablate":
+        from dnn_tricks.commands.ablate import main as command_main
     elif command == "preview-augment":
         from dnn_tricks.commands.preview_augment import main as command_main
     elif command == "prepare-data":

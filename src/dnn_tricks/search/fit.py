@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
 from lightning.pytorch import Callback, Trainer
 
 from dnn_tricks.app import TrainerCLI
@@ -135,6 +136,8 @@ def quiet() -> Iterator[None]:
         with warnings.catch_warnings():
             for message in _EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
+            # Heartbeat, stale-trial failing and retrying are marked experimental by Optuna.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
