@@ -55,7 +55,7 @@ def run_child(method: str, batch_size: int) -> dict:
     import torch
     from sklearn.decomposition import PCA
 
-    from dnn_tricks.data.normalize import InputNormalizer
+    from dnn_tricks.models.input_norm import InputNormalizer
 
     def fit(pixels: np.ndarray) -> list[float]:
         """uint8 pixels -> fitted whitening; returns the covariance eigenvalues (descending)."""
@@ -64,9 +64,9 @@ def run_child(method: str, batch_size: int) -> dict:
                 torch.from_numpy(pixels[i : i + batch_size]).double().div_(255)
                 for i in range(0, len(pixels), batch_size)
             )
-            return InputNormalizer("zca_whiten").fit(batches).eigenvalues_before.tolist()
+            return InputNormalizer("zca_whiten").adapt(batches).eigenvalues_before.tolist()
         dtype = np.float32 if method.endswith("f32") else np.float64
-        return PCA(whiten=True).fit(pixels.astype(dtype) / dtype(255)).explained_variance_.tolist()
+        return PCA(whiten=True).adapt(pixels.astype(dtype) / dtype(255)).explained_variance_.tolist()
 
     pixels = load_images()
     fit(pixels[:2000])  # warm-up: library loading and BLAS buffers are not the method's cost

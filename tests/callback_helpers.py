@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dnn_tricks.data.datamodule import DataModule
-from dnn_tricks.data.normalize import NormalizeConfig
 from dnn_tricks.models.classifier import Classifier
+from dnn_tricks.models.input_norm import NormalizeConfig
 from dnn_tricks.models.nets import MLP
 
 # What the shipped configs get under trainer.callbacks (the README's snippet).
@@ -36,7 +36,6 @@ CALLBACKS = """
 - class_path: dnn_tricks.callbacks.figures.AugmentationGrid
 - class_path: dnn_tricks.callbacks.figures.ConfusionMatrix
 - class_path: dnn_tricks.callbacks.figures.WeightHistograms
-- class_path: dnn_tricks.callbacks.hparams.HParamsSummary
 """
 
 
@@ -52,19 +51,24 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def digits_model(norm: str = "batch", hidden: Sequence[int] = (32, 16), lr: float = 0.05):
-    return Classifier(
+def digits_model(
+    norm: str = "batch",
+    hidden: Sequence[int] = (32, 16),
+    lr: float = 0.05,
+    input_kind: str = "standardize",
+    model_class: type[Classifier] = Classifier,
+) -> Classifier:
+    return model_class(
         net=partial(MLP, hidden=list(hidden), norm=norm, num_groups=4),
+        input_norm=NormalizeConfig(kind=input_kind),
         optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9),
         input_shape=(1, 8, 8),
         num_classes=10,
     )
 
 
-def digits_data(kind: str = "standardize", **kwargs: Any) -> DataModule:
-    return DataModule(
-        source="digits", batch_size=32, normalize=NormalizeConfig(kind=kind), **kwargs
-    )
+def digits_data(**kwargs: Any) -> DataModule:
+    return DataModule(source="digits", batch_size=32, **kwargs)
 
 
 def fit(

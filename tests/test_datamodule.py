@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import gzip
 import struct
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Trainer
 
 from conftest import requires_fashion_mnist, write_cifar10_batches
 from dnn_tricks.data.datamodule import DataModule
-from dnn_tricks.data.normalize import NormalizeConfig
 from dnn_tricks.data.sources import load_source
+from dnn_tricks.models.classifier import Classifier
+from dnn_tricks.models.input_norm import NormalizeConfig
+from dnn_tricks.models.nets import MLP
 
 
 def _unique_arrays(tmp_path, n=300, classes=3, d=5):
@@ -47,11 +51,19 @@ def test_splits_are_disjoint_stratified_and_seeded(tmp_path):
 
 def test_normalizer_statistics_are_those_of_the_train_split_alone(tmp_path):
     path, _, _ = _unique_arrays(tmp_path)
-    dm = DataModule(source="arrays", root=str(path), normalize=NormalizeConfig(kind="standardize"))
-    dm.setup("fit")
+    dm = DataModule(source="arrays", root=str(path), batch_size=8)
+    model = Classifier(
+        net=partial(MLP, hidden=[]),
+        input_norm=NormalizeConfig(kind="standardize"),
+        input_shape=dm.input_shape,
+        num_classes=dm.num_classes,
+    )
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, barebones=True)
+    trainer.fit(model, dm)  # the model's setup fits its input normalization
     train = dm.split("train")[0].astype(np.float64)
     everything = np.concatenate([train, dm.split("val")[0], dm.split("test")[0]])
-    out = dm.prepare_inputs(torch.from_numpy(dm.split("train")[0])).double().numpy()
+    with torch.no_grad():
+        out = model.input_norm(torch.from_numpy(dm.split("train")[0])).double().numpy()
     expected = (train - train.mean(0)) / train.std(0)
     np.testing.assert_allclose(out, expected, atol=1e-4)
     # ... and not those of all the data (which would leak val/test into training).

@@ -8,9 +8,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from callback_helpers import digits_data, fit, one_thread
+from callback_helpers import digits_data, digits_model, fit, one_thread
 
 from dnn_tricks.callbacks.input_stats import InputStatsCheck, input_problems
+from dnn_tricks.models.classifier import Classifier
 
 TOLS = {"mean_tol": 0.1, "var_tol": 0.1, "corr_tol": 0.1}
 
@@ -63,32 +64,32 @@ def test_per_channel_statistics_pool_the_positions():
 @pytest.mark.parametrize("kind", ["standardize", "zca_whiten"])
 def test_correctly_normalized_inputs_pass(kind):
     check = InputStatsCheck()
-    fit([check], data=digits_data(kind), epochs=1, batches=1)
+    fit([check], model=digits_model(input_kind=kind), epochs=1, batches=1)
     assert check.problems == []
 
 
-class ShiftedData(type(digits_data())):
+class ShiftedModel(Classifier):
     """A normalizer whose mean is off by 0.25 on the [0, 1] pixel scale."""
 
-    def fit_normalizer(self) -> None:
-        super().fit_normalizer()
-        self.normalizer.mean = self.normalizer.mean + 0.25
+    def adapt_layers(self, batches) -> None:
+        super().adapt_layers(batches)
+        self.input_norm.mean = self.input_norm.mean + 0.25
 
 
-class LeakyData(type(digits_data())):
+class LeakyModel(Classifier):
     """The leak to catch: normalization statistics fitted on the validation split."""
 
-    def fit_normalizer(self) -> None:
-        self.normalizer.fit(self.raw_batches("val"))
+    def adapt_layers(self, batches) -> None:
+        self.input_norm.adapt(self.trainer.datamodule.raw_batches("val"))
 
 
 def test_shifted_statistics_are_named():
-    data = ShiftedData(source="digits", batch_size=32)
+    data, model = digits_data(), digits_model(model_class=ShiftedModel)
     with pytest.raises(ValueError, match="InputStatsCheck") as error:
-        fit([InputStatsCheck(check_val=False)], data=data, epochs=1, batches=1)
+        fit([InputStatsCheck(check_val=False)], model=model, data=data, epochs=1, batches=1)
     # per-channel standardize (the default): the one channel is off by 0.25 raw std units
     pixels = data.split("train")[0].astype(np.float64) / 255
-    expected = 0.25 / np.sqrt(pixels.var() + data.normalizer.eps)
+    expected = 0.25 / np.sqrt(pixels.var() + model.input_norm.eps)
     reported = re.search(r"channel means are ([\d.]+) standard deviations", str(error.value))
     assert float(reported.group(1)) == pytest.approx(expected, rel=2e-3)
     assert "mean_tol=0.1" in str(error.value)
@@ -96,13 +97,13 @@ def test_shifted_statistics_are_named():
 
 def test_normalizer_fitted_on_validation_data_is_named():
     with pytest.raises(ValueError, match="the normalizer saw validation data"):
-        fit([InputStatsCheck()], data=LeakyData(source="digits", batch_size=32), batches=1)
+        fit([InputStatsCheck()], model=digits_model(model_class=LeakyModel), batches=1)
 
 
 def test_warn_action_lets_training_go_on():
-    data = ShiftedData(source="digits", batch_size=32)
+    model = digits_model(model_class=ShiftedModel)
     with pytest.warns(UserWarning, match="channel means are"):
-        trainer, _, _ = fit([InputStatsCheck(action="warn")], data=data, epochs=1, batches=1)
+        trainer, _, _ = fit([InputStatsCheck(action="warn")], model=model, epochs=1, batches=1)
     assert trainer.global_step == 1
 
 

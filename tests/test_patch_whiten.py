@@ -31,7 +31,7 @@ def numpy_patches(images: torch.Tensor, k: int) -> np.ndarray:
 def test_output_covariance_is_whitened(k):
     x = smooth_images()
     eps = 5e-4
-    layer = PatchWhitening(3, patch_size=k, eps=eps).init_whiten(x)
+    layer = PatchWhitening(3, patch_size=k, eps=eps).adapt([x])
     n_filters = 3 * k * k
     assert layer.out_channels == 2 * n_filters
     y = layer(x)[:, :n_filters].double()
@@ -42,7 +42,7 @@ def test_output_covariance_is_whitened(k):
 
 def test_eigenfilters_are_ordered_and_negated():
     x = smooth_images()
-    layer = PatchWhitening(3, patch_size=2, eps=1e-3).init_whiten(x)
+    layer = PatchWhitening(3, patch_size=2, eps=1e-3).adapt([x])
     cov = np.cov(numpy_patches(x, 2).T)
     lam = np.linalg.eigvalsh(cov)[::-1]
     rows = layer.weight.double().reshape(24, 12).numpy()
@@ -55,7 +55,7 @@ def test_eigenfilters_are_ordered_and_negated():
 
 def test_weights_stay_frozen_through_training():
     x = smooth_images(n=16)
-    layer = PatchWhitening(3).init_whiten(x)
+    layer = PatchWhitening(3).adapt([x])
     net = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(2))
     net(x)
     net.requires_grad_(True)  # even an explicit unfreeze must not reach the whitening
@@ -84,7 +84,7 @@ def test_padding_keeps_spatial_size():
 
 
 def test_state_round_trip_keeps_initialized_flag():
-    layer = PatchWhitening(3).init_whiten(smooth_images(), n_images=32)
+    layer = PatchWhitening(3).adapt([smooth_images()[:32]])
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
@@ -95,7 +95,7 @@ def test_state_round_trip_keeps_initialized_flag():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="init_whiten needs images N x 3"):
-        PatchWhitening(3).init_whiten(torch.rand(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="adapt needs images N x 3"):
+        PatchWhitening(3).adapt([torch.rand(4, 1, 8, 8)])
     with pytest.raises(ValueError, match="patch_size"):
         PatchWhitening(3, patch_size=0)

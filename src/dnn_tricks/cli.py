@@ -10,6 +10,9 @@ import sys
 from jsonargparse import ArgumentError
 
 USER_ERRORS = (ArgumentError, ValueError, TypeError, FileNotFoundError, FloatingPointError)
+# What torch.distributed (gloo) raises in the processes of a DDP run whose peer died; that
+# peer prints its own error, so the others say one line instead of a collective's traceback.
+PEER_STOPPED = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 
 
 def _one_line(error: BaseException) -> str:
@@ -36,6 +39,8 @@ def _run(args: list[str]) -> None:
         from dnn_tricks.commands.ablate import main as command_main
     elif command == "preview-augment":
         from dnn_tricks.commands.preview_augment import main as command_main
+    elif command == "lr-find":
+        from dnn_tricks.commands.lr_find import main as command_main
     elif command == "prepare-data":
         from dnn_tricks.commands.prepare_data import main as command_main
     else:
@@ -60,6 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         hint = "; see `trainer fit --help`" if isinstance(error, ArgumentError) else ""
         print(f"error: {_one_line(error)}{hint}  (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as error:
+        if debug or not any(text in str(error) for text in PEER_STOPPED):
+            raise
+        print(
+            "error: another process of this distributed run stopped (its error is above), so "
+            "this one stops too  (--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

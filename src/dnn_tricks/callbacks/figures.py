@@ -54,8 +54,8 @@ def spectrum_figure(before: Tensor, after: Tensor, kind: str) -> Figure:
 
 
 class NormalizationSpectrum(Callback):
-    """At fit start, logs ``data/eigenvalue_spectrum``: the eigenvalues of the train-input
-    covariance before and after the DataModule's normalization (its ``normalizer``'s
+    """At train start, logs ``data/eigenvalue_spectrum``: the eigenvalues of the train-input
+    covariance before and after the model's input normalization (``model.input_norm``'s
     ``eigenvalues_before`` / ``eigenvalues_after``), with their condition numbers.
 
     Example, under ``trainer.callbacks``::
@@ -66,8 +66,8 @@ class NormalizationSpectrum(Callback):
     (``none``/``center``/``standardize`` on inputs wider than its ``report_max_dim``).
     """
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        writer, norm = tensorboard(trainer), getattr(trainer.datamodule, "normalizer", None)
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writer, norm = tensorboard(trainer), getattr(pl_module, "input_norm", None)
         if writer is None or norm is None or not norm.fitted:
             return
         if norm.eigenvalues_before.numel() == 0:
@@ -118,33 +118,25 @@ class AugmentationGrid(Callback):
         writer.add_image("data/augmented_samples", grid, trainer.global_step, dataformats="HWC")
 
 
-def confusion_figure(matrix: np.ndarray, names: list[str], normalize: bool) -> Figure:
-    """Rows: true class, columns: predicted class; each row sums to 1 when normalized."""
-    shown = matrix / np.maximum(matrix.sum(1, keepdims=True), 1) if normalize else matrix
+def confusion_figure(
+    metric: MulticlassConfusionMatrix, counts: Tensor, names: list[str], normalize: bool
+) -> Figure:
+    """torchmetrics' own confusion-matrix plot, drawn on an Agg figure: rows are the true
+    class, columns the predicted one; with ``normalize`` each row is shares summing to 1."""
+    shown = counts / counts.sum(1, keepdim=True).clamp_min(1) if normalize else counts
     k = len(names)
-    figure = _figure(1.5 + 0.45 * k, 1.2 + 0.45 * k)
+    figure = _figure(2 + 0.6 * k, 1.5 + 0.6 * k)
     axes = figure.add_subplot()
-    image = axes.imshow(shown, cmap="Blues", vmin=0)
-    figure.colorbar(image, ax=axes, shrink=0.8)
-    axes.set_xticks(range(k), names, rotation=90)
-    axes.set_yticks(range(k), names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    if k <= 20:
-        top = shown.max() or 1
-        for i in range(k):
-            for j in range(k):
-                text = f"{shown[i, j]:.2f}" if normalize else str(int(shown[i, j]))
-                color = "white" if shown[i, j] > top / 2 else "black"
-                axes.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    metric.plot(val=shown, ax=axes, add_text=k <= 20, labels=names, cmap="Blues")
     return figure
 
 
 class ConfusionMatrix(Callback):
     """At the end of every ``every_n_epochs``-th validation epoch, logs
-    ``val/confusion_matrix`` (torchmetrics ``MulticlassConfusionMatrix``). Predictions come
-    from a forward hook on the module during validation, so no extra forward pass; the
-    counts are summed over DDP processes by torchmetrics. Sanity-check runs are skipped.
+    ``val/confusion_matrix``, drawn by torchmetrics' ``MulticlassConfusionMatrix.plot``.
+    Predictions come from a forward hook on the module during validation, so no extra forward
+    pass; the counts are summed over DDP processes by torchmetrics. Sanity-check runs are
+    skipped.
 
     Example, under ``trainer.callbacks``::
 
@@ -209,13 +201,13 @@ class ConfusionMatrix(Callback):
             return
         self._handle.remove()
         self._handle = None
-        matrix = self.metric.compute().cpu().numpy()  # every process: torchmetrics syncs
-        self.last = matrix.astype(int).tolist()
+        counts = self.metric.compute().cpu()  # every process: torchmetrics syncs
+        self.last = counts.long().tolist()
         writer = tensorboard(trainer)
         if writer is None:
             return
-        names = list(getattr(trainer.datamodule, "class_names", None) or range(len(matrix)))
-        figure = confusion_figure(matrix, [str(n) for n in names], self.normalize)
+        names = list(getattr(trainer.datamodule, "class_names", None) or range(len(counts)))
+        figure = confusion_figure(self.metric, counts, [str(n) for n in names], self.normalize)
         writer.add_figure("val/confusion_matrix", figure, trainer.global_step)
 
     def on_exception(

@@ -102,20 +102,22 @@ def input_problems(
 
 
 class InputStatsCheck(Callback):
-    """At fit start, checks the normalized inputs the model receives.
+    """At train start (the model's data-fitted layers are fitted or restored by then), checks
+    the normalized inputs the model receives.
 
     * Train statistics: ``num_samples`` train samples (seeded, unaugmented), normalized by
-      the DataModule exactly as in training (``on_after_batch_transfer``), must have mean
-      ~0, variance ~1 (``standardize``), the promised variance and no correlation
-      (whitening), per channel where ``normalize.per_channel`` pools channels; see
+      the model's ``input_norm`` exactly as in training, must have mean ~0, variance ~1
+      (``standardize``), the promised variance and no correlation (whitening), per channel
+      where ``input_norm.per_channel`` pools channels; see
       :func:`input_problems`.
     * Val statistics (``check_val``): a validation batch from the val loader, normalized as
       in validation, must equal the same raw batch through a normalizer refitted on the
       train split only. Otherwise the message says whether the inputs match a refit on the
       val split instead (the normalizer saw validation data).
 
-    Needs the project's DataModule (``split``, ``normalizer``, ``raw_batches``,
-    ``to_float``). Every process runs the same seeded check, so under DDP all raise alike.
+    Needs the project's Classifier (``input_norm``) and DataModule (``split``,
+    ``raw_batches``, ``to_float``). Every process runs the same seeded check, so under DDP
+    all raise alike.
 
     Example, under ``trainer.callbacks`` in a config::
 
@@ -162,15 +164,15 @@ class InputStatsCheck(Callback):
         self.check_val, self.action = check_val, action
         self.problems: list[str] = []
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
-        needed = ("split", "normalizer", "raw_batches", "to_float")
+        needed = ("split", "raw_batches", "to_float")
         if dm is None or not all(hasattr(dm, name) for name in needed):
             raise ValueError(
                 "InputStatsCheck needs the project's DataModule (dnn_tricks.data.datamodule); "
                 "remove the callback for other data modules"
             )
-        norm = dm.normalizer
+        norm = pl_module.input_norm
         self.problems = input_problems(
             self._train_sample(dm, pl_module),
             norm.kind,
@@ -185,7 +187,9 @@ class InputStatsCheck(Callback):
         if not self.problems:
             rank_zero_info(f"InputStatsCheck: inputs normalized with '{norm.kind}' look right")
             return
-        message = f"InputStatsCheck: with normalize.kind={norm.kind!r}, " + "; ".join(self.problems)
+        message = f"InputStatsCheck: with model.input_norm.kind={norm.kind!r}, " + "; ".join(
+            self.problems
+        )
         if self.action == "raise":
             raise ValueError(message)
         rank_zero_warn(message)
@@ -198,7 +202,7 @@ class InputStatsCheck(Callback):
         index = np.sort(np.random.default_rng(self.seed).choice(len(x), n, replace=False))
         batch = ArrayDataset(x, y).__getitems__(index)  # unaugmented, as the loader stacks it
         with torch.no_grad():
-            return batch_inputs(to_model(pl_module, batch))
+            return pl_module.input_norm(batch_inputs(to_model(pl_module, batch)))
 
     def _val_problems(self, dm: Any, pl_module: LightningModule) -> list[str]:
         # A DataLoader iterator draws its base seed from the global RNG; a check must not
@@ -209,11 +213,11 @@ class InputStatsCheck(Callback):
             return []
         raw_x = batch_inputs(raw).clone()  # the transfer hook may work in place
         with torch.no_grad():
-            seen = batch_inputs(to_model(pl_module, raw)).double()
+            seen = pl_module.input_norm(batch_inputs(to_model(pl_module, raw))).double()
             raw_x = dm.to_float(raw_x.to(seen.device))
             error = {}
             for split in ("train", "val"):
-                ref = self._refit(dm, split).to(seen.device)
+                ref = self._refit(pl_module.input_norm, dm, split).to(seen.device)
                 expected = ref(raw_x.double())
                 scale = max(1.0, float(expected.abs().max()))
                 error[split] = float((seen - expected).abs().max()) / scale
@@ -234,13 +238,12 @@ class InputStatsCheck(Callback):
         ]
 
     @staticmethod
-    def _refit(dm: Any, split: str) -> Any:
-        from dnn_tricks.data.normalize import InputNormalizer
+    def _refit(norm: Any, dm: Any, split: str) -> Any:
+        from dnn_tricks.models.input_norm import InputNormalizer
 
-        norm = dm.normalizer
         # report_max_dim=0: the conditioning report is not needed here and costs O(N D^2)
         fresh = InputNormalizer(norm.kind, norm.eps, norm.per_channel, report_max_dim=0)
-        return fresh.double().fit(dm.raw_batches(split))
+        return fresh.double().adapt(dm.raw_batches(split))
 
     def state_dict(self) -> dict[str, Any]:
         return {"problems": list(self.problems)}

@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torch.nn import Module
+from torch.nn import Module, Sequential
 
 
 def batch_inputs(batch: Any) -> Tensor:
@@ -42,18 +42,22 @@ def tensorboard(trainer: Trainer) -> Any:
 
 def to_model(pl_module: LightningModule, batch: Any) -> Any:
     """A loader batch moved to the model's device and through ``on_after_batch_transfer``
-    (where the DataModule normalizes inputs), exactly as the training loop does it."""
+    (uint8 -> float), exactly as the training loop hands it to the model."""
     # Lightning's own handler: it picks the DataModule's hooks over the module's where
     # they are overridden, which no public method does.
     return pl_module._apply_batch_transfer_handler(batch)
 
 
 def eager_network(pl_module: LightningModule) -> Module:
-    """The module to run for statistics: the project's Classifier keeps its plain network as
-    ``net`` (maybe wrapped by ``torch.compile`` for training); running that one avoids a
-    recompilation per changed momentum or added hook. Other modules run as they are."""
+    """The module to run for statistics, raw inputs in: the project's Classifier keeps its
+    plain network as ``net`` (maybe wrapped by ``torch.compile`` for training) behind its
+    ``input_norm``; running those avoids a recompilation per changed momentum or added hook.
+    Other modules run as they are."""
     net = getattr(pl_module, "net", None)
-    return net if isinstance(net, Module) else pl_module
+    if not isinstance(net, Module):
+        return pl_module
+    norm = getattr(pl_module, "input_norm", None)
+    return Sequential(norm, net) if isinstance(norm, Module) else net
 
 
 def first_loader(loaders: Any) -> Any:

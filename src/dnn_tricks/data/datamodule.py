@@ -1,5 +1,6 @@
-"""The DataModule: a named source, a seeded stratified split, input normalization fitted on
-the train split only and applied on the device, and augmentation on the train split only."""
+"""The DataModule: a named source, a seeded stratified split, augmentation on the train split
+only, and uint8 -> float on the device. Input normalization is a layer of the model
+(``model.input_norm``), fitted from ``raw_batches("train")``."""
 
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ import numpy as np
 import torch
 from jsonargparse.typing import Path_fr
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dnn_tricks.data.datasets import ArrayDataset, EpochShuffleSampler, collate_batch
-from dnn_tricks.data.normalize import InputNormalizer, NormalizeConfig
-from dnn_tricks.data.sources import SourceData, load_source
+from dnn_tricks.data.datasets import ArrayDataset, EpochShuffleSampler, collate_batch, take_rows
+from dnn_tricks.data.sources import Source, SourceData, load_source, source_label
 
 Split = Literal["train", "val", "test"]
 
@@ -46,14 +45,25 @@ def _training_seed() -> int:
 
 
 class DataModule(LightningDataModule):
-    """Loads a source, splits it and serves normalized (and, for training, augmented) batches.
+    """Loads a source, splits it and serves float (and, for training, augmented) batches.
 
     Args:
-        source: digits, wine, breast_cancer (scikit-learn, embedded), fashion_mnist, mnist
-            (IDX files), cifar10, image_folder (class sub-folders) or arrays (.npz, x and y).
+        source: a short name: digits, wine, breast_cancer (scikit-learn, embedded),
+            fashion_mnist, mnist (IDX files), cifar10, image_folder (class sub-folders of
+            image files, decoded lazily), arrays (.npz, or a folder of memory-mapped x.npy
+            and y.npy), streaming (LitData chunks from ``trainer prepare-data``); or a
+            class path / ``{class_path, init_args}`` of your own
+            ``dnn_tricks.data.sources.Source`` subclass.
         root: folder or file of the source (fashion_mnist defaults to Debian's
-            /usr/share/datasets/fashion-mnist; mnist and cifar10 to ./data).
+            /usr/share/datasets/fashion-mnist; mnist and cifar10 to ./data; streaming takes
+            a local folder or an s3:// URL).
         download: let torchvision download mnist / fashion_mnist / cifar10 into ``root``.
+        image_size: image_folder: [H, W] of the model input (evaluation resizes the short
+            side and crops the centre; training uses ``augment`` or the same resize).
+            Needed when the files' sizes differ.
+        channels: image_folder: 1 (grey) or 3 (RGB); null takes what most files are.
+        bad_files: image_folder and predict_path: ``error`` stops with the name of the first
+            file that cannot be read; ``skip`` leaves such files out and logs which.
         batch_size: training batch size PER DEVICE (under DDP the global batch is
             batch_size x devices x nodes, as in Lightning).
         eval_batch_size: batch size for validation, test and predict.
@@ -61,45 +71,62 @@ class DataModule(LightningDataModule):
         test_fraction: held-out stratified test share, for sources without their own test split.
         train_subset: keep only this many (stratified) training samples; null keeps all.
         seed: seed of the splits (independent of the training seed, so splits stay put).
-        normalize: input normalization fitted on the train split only (kind, eps, per_channel).
+        normalize: removed; input normalization is the model's ``model.input_norm`` now.
         augment: albumentations pipeline for the train split: its serialized dict (A.to_dict)
             or a path to a file written by A.save (in a config file, relative to that file);
             null for none.
         num_workers: DataLoader worker processes; ``auto`` uses 0 for in-memory data without
-            augmentation (batches are one array slice, IPC would only cost) and up to 4 with it.
+            augmentation (batches are one array slice, IPC would only cost) and up to 4 with it
+            or for image files (decoding is the work).
         pin_memory: pin host memory for faster copies to a GPU; ``auto`` pins when CUDA is used.
         predict_split: which split ``trainer predict`` predicts.
+        predict_path: new, unlabelled data for ``trainer predict`` instead of a split: a
+            folder of images (recursive), a .npz / .npy of inputs or a CSV of features.
+        fit_samples: fit the model's input normalization (and other data-fitted layers)
+            on a seeded random sample of this many train inputs; null uses all of them.
     """
 
     def __init__(
         self,
-        source: str = "digits",
+        source: str | Source = "digits",
         root: str | None = None,
         download: bool = False,
+        image_size: tuple[int, int] | None = None,
+        channels: int | None = None,
+        bad_files: Literal["error", "skip"] = "error",
         batch_size: int = 64,
         eval_batch_size: int = 1000,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         train_subset: int | None = None,
         seed: int = 0,
-        normalize: NormalizeConfig | None = None,
+        normalize: dict[str, Any] | None = None,
         augment: dict[str, Any] | Path_fr | None = None,
         num_workers: int | Literal["auto"] = "auto",
         pin_memory: bool | Literal["auto"] = "auto",
         predict_split: Split = "test",
+        predict_path: str | None = None,
+        fit_samples: int | None = None,
     ) -> None:
         super().__init__()
+        if normalize is not None:
+            raise ValueError(
+                "data.normalize moved to the model: write it as model.input_norm (same keys: "
+                "kind, eps, per_channel), so checkpoints and exports carry the statistics"
+            )
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")
         self.source, self.root, self.download = source, root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_subset, self.seed = train_subset, seed
-        self.normalize_config = normalize or NormalizeConfig()
-        self.normalizer = InputNormalizer.from_config(self.normalize_config)
         self.augment_spec = augment
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.predict_split = predict_split
+        self.predict_split, self.predict_path = predict_split, predict_path
+        self.image_size, self.channels, self.bad_files = image_size, channels, bad_files
+        if fit_samples is not None and fit_samples < 1:
+            raise ValueError(f"data.fit_samples={fit_samples} must be positive (or null: all)")
+        self.fit_samples = fit_samples
         self._data: SourceData | None = None
         self._splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # Parsed now so a bad pipeline fails before any work; the seeded Augment is made in
@@ -111,15 +138,19 @@ class DataModule(LightningDataModule):
     @property
     def data(self) -> SourceData:
         if self._data is None:
-            self._data = load_source(self.source, self.root, self.download)
-            y = (
-                np.concatenate([self._data.y, self._data.test_y])
-                if self._data.test_y is not None
-                else self._data.y
+            self._data = load_source(
+                self.source,
+                self.root,
+                self.download,
+                image_size=self.image_size,
+                channels=self.channels,
+                bad_files=None if self.bad_files == "error" else self.bad_files,  # the default
             )
+            data = self._data
+            y = np.concatenate([v for v in (data.y, data.val_y, data.test_y) if v is not None])
             if y.min() < 0 or y.max() >= max(len(self._data.classes), 1):
                 raise ValueError(
-                    f"data.source={self.source!r}: labels must be "
+                    f"data.source={source_label(self.source)!r}: labels must be "
                     f"0..{len(self._data.classes) - 1}, "
                     f"found {y.min()}..{y.max()}; map them to consecutive class indices"
                 )
@@ -142,7 +173,7 @@ class DataModule(LightningDataModule):
     def class_names(self) -> list[str]:
         return self.data.classes
 
-    # -- splits and normalization --
+    # -- splits --
     def _load_pipeline(self, spec: dict[str, Any] | str | Path_fr | None) -> Any:
         if spec is None:
             return None
@@ -157,16 +188,20 @@ class DataModule(LightningDataModule):
             x, y, test = data.x, data.y, (data.test_x, data.test_y)
         else:
             kept, held = _stratified_split(data.y, self.test_fraction, self.seed, "test_fraction")
-            x, y, test = data.x[kept], data.y[kept], (data.x[held], data.y[held])
-        train, val = _stratified_split(y, self.val_fraction, self.seed + 1, "val_fraction")
+            x, y = take_rows(data.x, kept), data.y[kept]
+            test = (take_rows(data.x, held), data.y[held])
+        if data.val_x is not None:  # the source's own (train/val/test folders, chunks)
+            train, val = np.arange(len(y)), None
+        else:
+            train, val = _stratified_split(y, self.val_fraction, self.seed + 1, "val_fraction")
         if self.train_subset is not None and self.train_subset < len(train):
             keep, _ = train_test_split(
                 train, train_size=self.train_subset, random_state=self.seed, stratify=y[train]
             )
             train = np.sort(keep)
         self._splits = {
-            "train": (x[train], y[train]),
-            "val": (x[val], y[val]),
+            "train": (take_rows(x, train), y[train]),
+            "val": (data.val_x, data.val_y) if val is None else (take_rows(x, val), y[val]),
             "test": test,  # type: ignore[dict-item]
         }
         if self.batch_size > len(train):
@@ -186,24 +221,27 @@ class DataModule(LightningDataModule):
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
     def raw_batches(self, name: Split = "train", batch: int = 4096) -> Iterator[Tensor]:
-        """Float inputs of a split in chunks, unaugmented and unnormalized (for fitting)."""
-        dataset = ArrayDataset(*self.split(name))
-        for start in range(0, len(dataset), batch):
-            yield self.to_float(
-                dataset.__getitems__(range(start, min(start + batch, len(dataset))))[0]
-            )
+        """Float inputs of a split in chunks, unaugmented and unnormalized: what the model's
+        data-fitted layers (input normalization, patch whitening) are fitted from.
 
-    def fit_normalizer(self) -> None:
-        """Fit the input normalization on the train split only and report the conditioning."""
-        self.normalizer.fit(self.raw_batches("train"))
-        before, after = self.normalizer.condition_numbers()
-        rank_zero_info(
-            f"input normalization '{self.normalizer.kind}': condition number of the train-feature "
-            f"covariance {before:.4g} -> {after:.4g}"
+        With ``fit_samples`` a seeded sample of the split, the same on every rank and call.
+        Image files are decoded by loader workers at the evaluation size, a batch at a time.
+        """
+        x, y = self.split(name)
+        index = np.arange(len(y))
+        if self.fit_samples is not None and self.fit_samples < len(index):
+            rng = np.random.default_rng(self.seed)
+            index = np.sort(rng.choice(len(index), self.fit_samples, replace=False))
+        decodes = hasattr(x, "batch")
+        loader = DataLoader(
+            ArrayDataset(x, y),
+            batch_size=min(batch, self.eval_batch_size) if decodes else batch,
+            sampler=index.tolist(),
+            num_workers=self._workers(x) if decodes else 0,
+            collate_fn=collate_batch,
         )
-        logger = self.trainer.logger if self.trainer is not None else None
-        if logger is not None:
-            logger.log_metrics({"data/cond_before": before, "data/cond_after": after}, step=0)
+        for inputs, _ in loader:
+            yield self.to_float(inputs)
 
     def setup(self, stage: str) -> None:
         self.split("train")
@@ -211,47 +249,32 @@ class DataModule(LightningDataModule):
             from dnn_tricks.data.augment import Augment
 
             self._augment = Augment(self._pipeline)
-        if stage == "fit":
-            self.fit_normalizer()
-
-    def prepare_inputs(self, x: Tensor) -> Tensor:
-        """What the model sees: float inputs normalized with the train statistics."""
-        if not self.normalizer.fitted:
-            rank_zero_warn(
-                "the input normalizer was neither fitted nor restored from a checkpoint; "
-                "fitting it on the train split now (pass --ckpt_path to use a run's statistics)"
-            )
-            self.fit_normalizer()
-        self.normalizer.to(x.device)
-        return self.normalizer(self.to_float(x))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        return self.prepare_inputs(x), y
-
-    def normalized_train_inputs(self, n: int) -> Tensor:
-        """The first ``n`` train inputs, normalized: data-dependent init (patch whitening)."""
-        x, _ = self.split("train")
-        return self.prepare_inputs(
-            torch.from_numpy(x[:n]).permute(0, 3, 1, 2) if x.ndim == 4 else torch.from_numpy(x[:n])
-        )
+        return self.to_float(x), y
 
     # -- loaders --
-    def _workers(self) -> int:
+    def _workers(self, x: Any = None) -> int:
         if self.num_workers != "auto":
             return int(self.num_workers)
-        return 0 if self._pipeline is None else min(4, os.cpu_count() or 1)
+        decodes = hasattr(x, "batch")  # image files: decoding is the work, give it processes
+        return 0 if self._pipeline is None and not decodes else min(4, os.cpu_count() or 1)
 
     def _loader(self, name: Split, train: bool) -> DataLoader:
         x, y = self.split(name)
-        dataset = ArrayDataset(x, y, transform=self._augment if train else None)
-        workers = self._workers()
+        workers = self._workers(x)
         pin = torch.cuda.is_available() if self.pin_memory == "auto" else self.pin_memory
         init_fn = None
         if train and self._augment is not None:
             from dnn_tricks.data.augment import worker_init_fn
 
             init_fn = worker_init_fn
+        if hasattr(x, "dataloader"):  # streaming chunks: LitData shuffles, shards and resumes
+            batch = self.batch_size if train else self.eval_batch_size
+            augment = self._augment if train else None
+            return x.dataloader(batch, train, _training_seed(), workers, augment, pin, init_fn)
+        dataset = ArrayDataset(x, y, transform=self._augment if train else None)
         # Shuffling that depends only on (seed, epoch) makes a resumed run see the same batches.
         sampler = EpochShuffleSampler(len(dataset), _training_seed()) if train else None
         return DataLoader(
@@ -278,11 +301,17 @@ class DataModule(LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split, train=False)
+        if self.predict_path is None:
+            return self._loader(self.predict_split, train=False)
+        from dnn_tricks.data.predict_inputs import predict_inputs
 
-    # -- checkpoint state: the fitted normalizer travels with every checkpoint --
-    def state_dict(self) -> dict[str, Any]:
-        return {"normalizer": self.normalizer.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.normalizer.load_state_dict(state_dict["normalizer"])
+        x, ids = predict_inputs(self.predict_path, self.input_shape, self.bad_files)
+        # Each sample's "label" is its position in ids, which the prediction CSV names.
+        dataset = ArrayDataset(x, np.arange(len(ids)))
+        dataset.ids = ids  # type: ignore[attr-defined]
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            num_workers=self._workers(x),
+            collate_fn=collate_batch,
+        )

@@ -133,8 +133,8 @@ def train_setting(
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from dnn_tricks.data.datamodule import DataModule
-    from dnn_tricks.data.normalize import NormalizeConfig
     from dnn_tricks.models.classifier import Classifier
+    from dnn_tricks.models.input_norm import NormalizeConfig
     from dnn_tricks.models.nets import MLP
     from dnn_tricks.schedules import WarmupCosine
 
@@ -161,8 +161,11 @@ def train_setting(
         scheduler_interval="step",
         input_shape=data.input_shape,
         num_classes=data.num_classes,
-        jacobian=setting.jacobian,
-        jacobian_projections=setting.jacobian_projections,
+        regularizers=(
+            [regularize.Jacobian(setting.jacobian, setting.jacobian_projections)]
+            if setting.jacobian
+            else []
+        ),
         val_jacobian=True,
     )
     trainer = Trainer(

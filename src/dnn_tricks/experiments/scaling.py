@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dnn_tricks.data.normalize import InputNormalizer
-from dnn_tricks.data.whitening import condition_number
+from dnn_tricks.linalg import condition_number
+from dnn_tricks.models.input_norm import InputNormalizer
 
 INPUTS = {"raw": None, "standardized": "standardize", "whitened (zca)": "zca_whiten"}
 
@@ -46,7 +46,7 @@ def transform(x: np.ndarray, kind: str | None) -> np.ndarray:
     if kind is None:
         return x
     t = torch.from_numpy(x)
-    return InputNormalizer(kind, eps=0.0).fit([t])(t).numpy()
+    return InputNormalizer(kind, eps=0.0).adapt([t])(t).numpy()
 
 
 def gradient_descent(

@@ -1,31 +1,46 @@
-"""The LightningModule: network, cross-entropy plus the configured regularizers, metrics,
-optimizer with weight-decay parameter groups, and the LR schedule."""
+"""The LightningModule: input normalization and network (one self-contained model), cross-entropy
+plus the configured regularizers, metrics, optimizer with weight-decay parameter groups, and the
+LR schedule."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from dnn_tricks import regularize
+from dnn_tricks.models.backbones import NetFactory, apply_lr_scales, build_net, optimizer_groups
+from dnn_tricks.models.input_norm import InputNormalizer, NormalizeConfig
+from dnn_tricks.models.mixing import BatchMixing, MixConfig
 from dnn_tricks.schedules import build_scheduler
-
-NetFactory = Callable[[Sequence[int], int], nn.Module]
 
 
 class Classifier(LightningModule):
     """Trains ``net`` with cross-entropy plus loss + sum_i lambda_i * Omega_i(W).
 
+    The model is self-contained: ``forward`` takes raw inputs (float images in [0, 1] as
+    N x C x H x W, or raw tabular features) and applies the fitted input normalization, then the
+    network. Data-fitted layers (the input normalization, a patch-whitening stem) are fitted
+    once, at the start of a fresh fit, from the unaugmented train split (``adapt_layers``);
+    checkpoints carry them, and resume / validate / test / predict / export never refit.
+
     Args:
+        input_norm: input normalization, a frozen layer fitted on the train split only
+            (kind: none, center, standardize, pca, pca_whiten, zca_whiten; eps; per_channel).
         net: the network, e.g. ``class_path: dnn_tricks.models.nets.MLP`` with its init_args;
-            ``input_shape`` and ``num_classes`` come from the data.
+            ``input_shape`` and ``num_classes`` come from the data. Any torchvision/timm
+            classification model works too (``class_path: torchvision.models.resnet18``: head
+            and first conv fitted to the data); ``dnn_tricks.models.backbones.Backbone`` adds
+            pretrained weights and fine-tuning switches.
         optimizer: any torch optimizer with its init_args (lr, momentum, weight_decay...).
             Its ``weight_decay`` is L2 decay through the optimizer, applied to weights only
             unless ``decay_norm_and_bias``.
@@ -36,25 +51,26 @@ class Classifier(LightningModule):
         input_shape: shape of one input; linked from the data, not set by hand.
         num_classes: number of classes; linked from the data, not set by hand.
         label_smoothing: cross-entropy label smoothing.
+        mixing: mixup / cutmix of each training batch after input normalization, loss on the
+            soft targets (``dnn_tricks.models.mixing.MixConfig``: mixup_alpha, cutmix_alpha,
+            prob); images only; null for none. ``train/acc`` counts the unshifted labels.
         decay_norm_and_bias: also apply the optimizer's weight decay to biases and to
             normalization parameters (off by default: decaying them only shrinks the scale).
-        l1: lambda of the L1 penalty lambda * sum |W| over weights (logged ``train/l1``).
-        l2: lambda of the explicit L2 penalty lambda * sum W^2 (logged ``train/l2``).
-        jacobian: lambda of the Jacobian penalty (lambda / 2) ||J(x)||_F^2 (Hoffman et al.
-            2019), logged ``train/jacobian``.
-        jacobian_projections: random projections of the Jacobian estimate; -1 for exact.
+        regularizers: loss terms and weight constraints, each ``class_path`` +
+            ``init_args``: ``dnn_tricks.regularize.L1`` / ``L2`` (weight), ``Jacobian``
+            (weight, projections), ``MaxNorm`` (c), or your own ``Regularizer`` subclass.
+            Each term is logged as ``train/<name>``.
         val_jacobian: log the mean ||J(x)||_F on validation data as ``val/jacobian_norm``.
-        max_norm: after each optimizer step, project each unit's incoming weights to norm
-            <= max_norm (Srivastava et al. 2014); null to disable.
         channels_last: keep conv weights and image batches in NHWC memory layout (faster
             convolutions with tensor cores under mixed precision on GPUs).
-        compile: run the network through ``torch.compile`` (the checkpoint keeps the plain
-            network's parameter names, so compiled and eager runs share checkpoints).
+        compile: compile the network in place with ``nn.Module.compile`` (the checkpoint keeps
+            the plain network's parameter names, so compiled and eager runs share checkpoints).
     """
 
     def __init__(
         self,
         net: NetFactory,
+        input_norm: NormalizeConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -62,69 +78,79 @@ class Classifier(LightningModule):
         input_shape: Sequence[int] = (1,),
         num_classes: int = 2,
         label_smoothing: float = 0.0,
+        mixing: MixConfig | None = None,
         decay_norm_and_bias: bool = False,
-        l1: float = 0.0,
-        l2: float = 0.0,
-        jacobian: float = 0.0,
-        jacobian_projections: int = 1,
+        regularizers: Sequence[regularize.Regularizer] = (),
         val_jacobian: bool = False,
-        max_norm: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for key, value in (("l1", l1), ("l2", l2), ("jacobian", jacobian)):
-            if value < 0:
-                raise ValueError(f"model.{key}={value} must be >= 0")
-        if max_norm is not None and max_norm <= 0:
-            raise ValueError(f"model.max_norm={max_norm} must be positive (or null to disable)")
-        if jacobian_projections == 0 or jacobian_projections < -1:
-            raise ValueError("model.jacobian_projections must be a positive count or -1 (exact)")
-        self.net = net(tuple(input_shape), num_classes)
+        self.regularizers = regularize.check_regularizers(regularizers)
+        self.input_norm = InputNormalizer.from_config(input_norm or NormalizeConfig())
+        self.net = build_net(net, input_shape, num_classes)
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        # Kept out of the module tree on purpose: registering the compiled wrapper would add
-        # a second copy of every parameter name ("_orig_mod.") to the checkpoint.
-        compiled = torch.compile(self.net) if compile else self.net
-        object.__setattr__(self, "_run_net", compiled)
+        if compile:  # in place (nn.Module.compile): parameter names gain no "_orig_mod."
+            self.net.compile()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.num_classes = num_classes
+        self.mixing = BatchMixing(mixing, num_classes) if mixing is not None else None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self._run_net(x)
+        """Raw inputs -> logits."""
+        return self._net_forward(self.input_norm(x))
+
+    def _net_forward(self, z: Tensor) -> Tensor:
+        """Normalized inputs -> logits (what regularizers differentiate through)."""
+        if self.channels_last and z.ndim == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.net(z)
+
+    def standalone(self) -> nn.Module:
+        """The trained model on its own, in eval mode: raw inputs -> logits, normalization
+        included; what ``trainer export`` writes. Shares this module's weights."""
+        return nn.Sequential(OrderedDict(input_norm=self.input_norm, net=self.net)).eval()
 
     # -- training --
     def _penalties(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Each configured regularizer term (already times lambda), and logits if computed."""
-        hp = self.hparams
+        """Each loss-term regularizer's term (weight included), and the logits when an
+        input-dependent one (Jacobian) computed them from normalized inputs ``x``."""
         terms: dict[str, Tensor] = {}
         logits = None
-        if hp.l1 > 0:
-            terms["l1"] = hp.l1 * regularize.l1_penalty(self.net)
-        if hp.l2 > 0:
-            terms["l2"] = hp.l2 * regularize.l2_penalty(self.net)
-        if hp.jacobian > 0:
-            squared, logits = regularize.jacobian_penalty(self.net, x, hp.jacobian_projections)
-            terms["jacobian"] = 0.5 * hp.jacobian * squared
+        for reg in self.regularizers:
+            if reg.needs_inputs:
+                terms[reg.name], logits = reg.penalty_and_logits(self.net, x)
+            elif not reg.after_step:
+                terms[reg.name] = reg.penalty(self.net)
         return terms, logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        x = self.input_norm(x)
+        target = y
+        if self.mixing is not None:  # mixup / cutmix on the device: the loss takes soft targets
+            x, target = self.mixing(x, y)
         terms, logits = self._penalties(x)
         if logits is None:
-            logits = self(x)
-        data_loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+            logits = self._net_forward(x)
+        data_loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
         loss = data_loss + sum(terms.values()) if terms else data_loss
-        if not torch.isfinite(loss):
+        bad = anywhere = not torch.isfinite(loss)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # every DDP rank stops at the same step: a rank that stopped alone would leave
+            # the others waiting in the next gradient all-reduce
+            anywhere = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if anywhere:
+            where = f"became {loss.item()}" if bad else "became non-finite on another process"
             raise FloatingPointError(
-                f"the training loss became {loss.item()} at global step {self.global_step} "
+                f"the training loss {where} at global step {self.global_step} "
                 f"(epoch {self.current_epoch}); lower the learning rate or check the inputs. "
                 "The last good checkpoint is kept."
             )
@@ -138,20 +164,22 @@ class Classifier(LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self.hparams.max_norm is not None:
-            regularize.apply_max_norm(self.net, self.hparams.max_norm)
+        for reg in self.regularizers:
+            if reg.after_step:
+                reg.constrain(self.net)
 
     # -- evaluation --
     def _evaluate(
         self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy
     ) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self(x)  # through forward, where callbacks' forward hooks see the logits
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         metric(logits, y)
         self.log(f"{stage}/acc", metric, prog_bar=True)
         if stage == "val" and self.hparams.val_jacobian:
-            self.log("val/jacobian_norm", regularize.jacobian_norm(self.net, x), sync_dist=True)
+            norm = regularize.jacobian_norm(self.net, self.input_norm(x))
+            self.log("val/jacobian_norm", norm, sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)
@@ -163,23 +191,39 @@ class Classifier(LightningModule):
         x, y = batch
         return {"probs": torch.softmax(self(x), dim=1), "target": y}
 
-    # -- data-dependent init --
+    # -- data-fitted layers --
+    def adapt_layers(self, batches: Callable[[], Iterable[Tensor]]) -> None:
+        """Fit every data-fitted layer (any submodule with ``adapt(batches)``) in model order:
+        the input normalization from raw train batches, then layers inside the net (the
+        patch-whitening stem) from those batches as the net receives them, normalized.
+        ``batches()`` yields the unaugmented train split anew on each call (streamed)."""
+        self.input_norm.adapt(x.to(self.device) for x in batches())
+        before, after = self.input_norm.condition_numbers()
+        rank_zero_info(
+            f"input normalization '{self.input_norm.kind}': condition number of the train-feature "
+            f"covariance {before:.4g} -> {after:.4g}"
+        )
+        if self._trainer is not None and self.logger is not None:
+            self.logger.log_metrics({"data/cond_before": before, "data/cond_after": after}, step=0)
+        for layer in self.net.modules():
+            if hasattr(layer, "adapt"):
+                layer.adapt(self.input_norm(x.to(self.device)) for x in batches())
+
     def on_fit_start(self) -> None:
-        """Fit data-dependent layers (the patch-whitening stem) once, on a fresh fit only:
-        a resumed run restores them from the checkpoint."""
-        whiteners = [m for m in self.net.modules() if hasattr(m, "init_whiten")]
+        """Fit the data-fitted layers on a fresh fit only (before the sanity check); a resumed
+        run has restored them from the checkpoint. Every DDP rank reads the same train split,
+        so all ranks hold equal statistics. Callbacks that inspect them run at train start."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if not whiteners or self.trainer.ckpt_path is not None or datamodule is None:
+        if self.trainer.ckpt_path is not None or datamodule is None:
             return
-        n = getattr(self.net, "patch_n_images", 5000)
-        images = datamodule.normalized_train_inputs(n).to(self.device)
-        for module in whiteners:
-            module.init_whiten(images)
+        self.adapt_layers(lambda: datamodule.raw_batches("train"))
 
     # -- optimization --
     def configure_optimizers(self) -> Any:
-        groups = regularize.decay_param_groups(self.net, self.hparams.decay_norm_and_bias)
+        # weight-decay groups, split by backbone and head for Backbone's backbone_lr_scale
+        groups = optimizer_groups(self.net, self.hparams.decay_norm_and_bias)
         optimizer = self.optimizer_factory(groups)
+        apply_lr_scales(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)

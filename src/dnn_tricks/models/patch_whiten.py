@@ -7,16 +7,18 @@ does not spend steps undoing pixel correlations. Two published measurements:
   the time to 94% from 14.2 s / 34 epochs to 8.6 s / 21 epochs, the largest single gain.
 - David Page, "How to train your ResNet" (cifar10-fast): 3x3 patches, 27 filters, eps 1e-2;
   time to 94% from 43 s to 36 s.
-The eigen math is shared with the input normalizer (dnn_tricks.data.normalize).
+The eigen math is shared with the input normalizer (dnn_tricks.models.input_norm).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dnn_tricks.data.whitening import StreamingMoments, sorted_eigh, whitening_from_eigh
+from dnn_tricks.linalg import StreamingMoments, sorted_eigh, whitening_from_eigh
 
 
 class PatchWhitening(nn.Module):
@@ -25,7 +27,7 @@ class PatchWhitening(nn.Module):
     Filter i is u_i / sqrt(lambda_i + eps) for the i-th eigenpair of the k x k patch
     covariance (descending lambda), followed by the negatives of all filters when
     ``with_negatives`` (so a following ReLU keeps both signs of every direction). Before
-    ``init_whiten`` the filters are the plain patch basis (output = the raw patch pixels),
+    ``adapt`` the filters are the plain patch basis (output = the raw patch pixels),
     so the layer works, unwhitened, in shape tests. No bias: the map is linear, so the output
     covariance is whitened whatever the input mean (inputs are normalized upstream anyway).
 
@@ -36,6 +38,8 @@ class PatchWhitening(nn.Module):
             (airbench 5e-4, Page 1e-2); caps the gain of near-constant directions.
         with_negatives: also emit each filter's negative; out_channels doubles.
         padding: zero padding of the convolution; statistics use unpadded patches only.
+        max_images: how many train images ``adapt`` reads (the patch covariance of a few
+            thousand images is already stable: airbench uses 5000).
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class PatchWhitening(nn.Module):
         eps: float = 5e-4,
         with_negatives: bool = True,
         padding: int = 0,
+        max_images: int = 5000,
     ) -> None:
         super().__init__()
         if patch_size < 1:
@@ -53,6 +58,9 @@ class PatchWhitening(nn.Module):
             raise ValueError(f"eps={eps} must be >= 0 (it is added to the patch eigenvalues)")
         self.in_channels, self.patch_size = in_channels, patch_size
         self.eps, self.with_negatives, self.padding = float(eps), with_negatives, padding
+        if max_images < 1:
+            raise ValueError(f"patch_n_images={max_images} must be >= 1")
+        self.max_images = max_images
         n_filters = in_channels * patch_size * patch_size
         self.out_channels = n_filters * (2 if with_negatives else 1)
         # A buffer, not a Parameter: no optimizer, weight decay or init scheme can change it,
@@ -69,18 +77,25 @@ class PatchWhitening(nn.Module):
         return rows.reshape(len(rows), self.in_channels, k, k).float()
 
     @torch.no_grad()
-    def init_whiten(self, images: Tensor, n_images: int | None = None) -> PatchWhitening:
-        """Set the filters from (normalized) train images N x C x H x W; returns self."""
-        if images.ndim != 4 or images.shape[1] != self.in_channels:
-            raise ValueError(
-                f"init_whiten needs images N x {self.in_channels} x H x W, "
-                f"got {tuple(images.shape)}"
-            )
-        x = images[:n_images] if n_images is not None else images
-        moments = StreamingMoments(full=True)
-        for chunk in x.split(256):  # bounds memory: unfold copies each pixel k*k times
-            patches = F.unfold(chunk.to(torch.float64), self.patch_size)
-            moments.update(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
+    def adapt(self, batches: Iterable[Tensor]) -> PatchWhitening:
+        """Set the filters from (normalized) train images N x C x H x W, streamed, using the
+        first ``max_images``: the data-fitted-layer protocol (``Classifier.adapt_layers``)."""
+        moments, seen = StreamingMoments(full=True), 0
+        for batch in batches:
+            if batch.ndim != 4 or batch.shape[1] != self.in_channels:
+                raise ValueError(
+                    f"PatchWhitening.adapt needs images N x {self.in_channels} x H x W, "
+                    f"got {tuple(batch.shape)}"
+                )
+            batch = batch[: self.max_images - seen]
+            for chunk in batch.split(256):  # bounds memory: unfold copies each pixel k*k times
+                patches = F.unfold(chunk.to(torch.float64), self.patch_size)
+                moments.update(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
+            seen += len(batch)
+            if seen >= self.max_images:
+                break
+        if seen == 0:
+            raise ValueError("PatchWhitening.adapt got no images; is the train split empty?")
         lam, vectors = sorted_eigh(moments.covariance())
         rows = whitening_from_eigh(lam, vectors, "pca_whiten", self.eps)
         self.weight.copy_(self._filters(rows))

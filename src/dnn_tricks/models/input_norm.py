@@ -1,4 +1,5 @@
-"""Input normalization fitted on the train split: center, standardize, PCA, PCA/ZCA whitening.
+"""Input normalization, a data-fitted layer of the model fitted on the train split: center,
+standardize, PCA, PCA/ZCA whitening.
 
 Why: for a linear model (and the first layer of a net) the Hessian of the squared loss is
 the input second-moment matrix, and gradient descent needs about kappa iterations, kappa its
@@ -20,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dnn_tricks.data.whitening import (
+from dnn_tricks.linalg import (
     EIGEN_KINDS,
     StreamingMoments,
     condition_number,
@@ -96,10 +97,10 @@ class InputNormalizer(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(
-                f"normalize.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}"
+                f"input_norm.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}"
             )
         if not eps >= 0:
-            raise ValueError(f"normalize.eps={eps!r} must be >= 0")
+            raise ValueError(f"input_norm.eps={eps!r} must be >= 0")
         self.kind, self.eps, self.per_channel = kind, float(eps), bool(per_channel)
         self.report_max_dim = report_max_dim
         self._shape: tuple[int, ...] | None = None
@@ -135,14 +136,15 @@ class InputNormalizer(nn.Module):
         return f"kind={self.kind!r}, eps={self.eps}, per_channel={self.per_channel}"
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[Tensor]) -> InputNormalizer:
-        """One pass over batches (N x D or N x C x H x W; (x, y) tuples use x)."""
+    def adapt(self, batches: Iterable[Tensor]) -> InputNormalizer:
+        """Fit the statistics in one pass over raw train batches (N x D or N x C x H x W;
+        (x, y) tuples use x): the data-fitted-layer protocol (see ``Classifier.adapt_layers``)."""
         shape, full, diag, n = None, None, None, 0
         for batch in batches:
             x = torch.as_tensor(batch[0] if isinstance(batch, (tuple, list)) else batch)
             if x.ndim < 2:
                 raise ValueError(
-                    f"InputNormalizer.fit needs N x D or N x C x H x W, got {tuple(x.shape)}"
+                    f"InputNormalizer.adapt needs N x D or N x C x H x W, got {tuple(x.shape)}"
                 )
             if shape is None:
                 shape = tuple(x.shape[1:])
@@ -163,7 +165,7 @@ class InputNormalizer(nn.Module):
                 diag.update(rows.reshape(len(rows), -1))
             n += len(x)
         if shape is None:
-            raise ValueError("InputNormalizer.fit got no batches; is the train split empty?")
+            raise ValueError("InputNormalizer.adapt got no batches; is the train split empty?")
         self._finish(shape, n, full, diag)
         return self
 
@@ -179,7 +181,7 @@ class InputNormalizer(nn.Module):
         cov = full.covariance(ddof=1) if full is not None and n >= 2 else None
         if self.kind in EIGEN_KINDS:
             if cov is None:
-                raise ValueError(f"normalize.kind={self.kind!r} needs at least 2 train samples")
+                raise ValueError(f"input_norm.kind={self.kind!r} needs at least 2 train samples")
             before, vectors = sorted_eigh(cov)
             weight = whitening_from_eigh(before, vectors, self.kind, self.eps)
             mean = full.mean
@@ -212,7 +214,7 @@ class InputNormalizer(nn.Module):
     def condition_numbers(self) -> tuple[float, float]:
         """Covariance condition number (before, after) normalization; nan when not computed."""
         if not self.fitted:
-            raise RuntimeError("InputNormalizer.condition_numbers() called before fit()")
+            raise RuntimeError("InputNormalizer.condition_numbers() called before adapt()")
         return condition_number(self.eigenvalues_before), condition_number(self.eigenvalues_after)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,9 +222,9 @@ class InputNormalizer(nn.Module):
         if self.kind == "none":
             return x  # nothing to fit, so usable unfitted
         if self._shape is None:
-            raise RuntimeError(
-                "InputNormalizer used before fit(); call fit(train_batches) or load a fitted "
-                "state_dict first"
+            raise ValueError(
+                "model.input_norm is not fitted: it is fitted at the start of a fresh fit; "
+                "for validate/test/predict/export pass --ckpt_path of a trained run"
             )
         if tuple(x.shape[1:]) != self._shape:
             raise ValueError(
@@ -233,7 +235,7 @@ class InputNormalizer(nn.Module):
             x = x.to(torch.get_default_dtype())
         mean = self.mean.to(device=x.device, dtype=x.dtype)
         if self.kind in EIGEN_KINDS:
-            flat = x.reshape(len(x), -1) - mean
+            flat = x.flatten(1) - mean
             w = self.weight.to(device=x.device, dtype=x.dtype)
             return (flat @ w.T).reshape(x.shape)
         view = (1, -1) + (1,) * (x.ndim - 2) if self.channelwise else (1, *self._shape)
@@ -252,15 +254,17 @@ class InputNormalizer(nn.Module):
             if saved is not None and int(saved) != int(current):
                 value = KINDS[int(saved)] if name == "kind" else bool(saved)
                 raise ValueError(
-                    f"checkpoint normalizer was fitted with normalize.{name}={value!r} but the "
-                    f"config says {getattr(self, name)!r}; set normalize.{name}={value} or refit"
+                    f"checkpoint normalizer was fitted with model.input_norm.{name}={value!r} but "
+                    f"the config says {getattr(self, name)!r}; set model.input_norm.{name}={value} "
+                    "or refit"
                 )
         saved_eps = state_dict.get(prefix + "eps_value")
         # loose tolerance: a module cast to float16/bfloat16 rounds the stored eps too
         if saved_eps is not None and not math.isclose(float(saved_eps), self.eps, rel_tol=1e-2):
             raise ValueError(
-                f"checkpoint normalizer was fitted with normalize.eps={float(saved_eps)} but the "
-                f"config says {self.eps}; set normalize.eps={float(saved_eps)} or refit"
+                f"checkpoint normalizer was fitted with model.input_norm.eps={float(saved_eps)} "
+                f"but the config says {self.eps}; set model.input_norm.eps={float(saved_eps)} "
+                "or refit"
             )
         # Fitted buffers have data-dependent shapes: resize ours before copying into them.
         for name, buf in self._buffers.items():
