@@ -11,6 +11,7 @@ appears at ``out`` once that check passes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -118,8 +119,26 @@ def _write(module: nn.Module, example: Tensor, fmt: str, path: Path) -> None:
     else:
         # Tracing records the operations run on the example; the batch-1 check in
         # export_model catches a batch size that tracing baked in.
-        traced = torch.jit.trace(module, (example,), check_trace=False)
+        traced = torch.jit.trace(_untied(module), (example,), check_trace=False)
         traced.save(str(path))
+
+
+def _untied(module: nn.Module) -> nn.Module:
+    """A copy in which no tensor is shared by two parameter or buffer slots: tracing refuses
+    shared ones ("TracedModules don't support parameter sharing"), and in an eval-mode
+    export a shared tensor and its copies are the same constant."""
+    module = copy.deepcopy(module)
+    seen: set[int] = set()
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False, remove_duplicate=False)):
+            if id(param) in seen:
+                setattr(sub, name, nn.Parameter(param.detach().clone(), param.requires_grad))
+            seen.add(id(param))
+        for name, buffer in list(sub.named_buffers(recurse=False, remove_duplicate=False)):
+            if id(buffer) in seen:
+                sub.register_buffer(name, buffer.clone())
+            seen.add(id(buffer))
+    return module
 
 
 def _load(fmt: str, path: Path) -> Callable[[Tensor], Tensor]:
