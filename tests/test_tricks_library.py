@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import BatchSizeFinder, StochasticWeightAveraging
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONFIGS
 from dnn_tricks.callbacks.averaging import EMA
+from dnn_tricks.callbacks.batch_size import TrainBatchSizeFinder
 from dnn_tricks.data.datamodule import DataModule
 from dnn_tricks.models.classifier import Classifier
 from dnn_tricks.models.input_norm import NormalizeConfig
@@ -175,10 +176,12 @@ class _FailsAbove(Classifier):
 
 
 def test_batch_size_finder_doubles_until_out_of_memory():
+    """power mode: 8 -> 16 -> 32 -> 64 runs out of memory -> the fit trains at 32, with the
+    model's fitted input normalization; the evaluation after fit searches nothing."""
     seed_everything(0, verbose=False)
     model = _FailsAbove(
         net=functools.partial(MLP, hidden=[16]),
-        input_norm=NormalizeConfig(kind="none"),
+        input_norm=NormalizeConfig(kind="standardize"),
         input_shape=(1, 8, 8),
         num_classes=10,
     )
@@ -188,15 +191,16 @@ def test_batch_size_finder_doubles_until_out_of_memory():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             sizes.append(batch[0].shape[0])
 
-    finder = BatchSizeFinder(mode="power", steps_per_trial=1, init_val=8, max_trials=6)
+    finder = TrainBatchSizeFinder(mode="power", steps_per_trial=1, init_val=8, max_trials=6)
     data = _digits(batch_size=8)
     # the finder restores the model from its own checkpoint, whose hyperparameters name these
     trusted = [functools.partial, MLP, torch.optim.Adam, NormalizeConfig]
+    trainer = _trainer([finder, Sizes()], epochs=1, batches=3)
     with torch.serialization.safe_globals(trusted):
-        _trainer([finder, Sizes()], epochs=1, batches=3).fit(model, data)
-    # power mode: 8 -> 16 -> 32 -> 64 fails -> the last size that fit trains (the trials
-    # run with the other callbacks switched off)
+        trainer.fit(model, data)
+        trainer.test(model, data, verbose=False)
     assert finder.optimal_batch_size == 32 and data.batch_size == 32
+    # the trials run with the other callbacks switched off: only the real batches are seen
     assert sizes == [32, 32, 32]
 
 

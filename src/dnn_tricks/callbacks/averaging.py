@@ -39,9 +39,10 @@ class EMA(WeightAveraging):
 
     - integer buffers are copied, not averaged (``ema_keeping_integers``; Lightning's EMA
       averages them with torch's per-tensor EMA and cannot take another);
-    - the average starts from the model at fit start, after its data-fitted layers (input
-      normalization, patch whitening) are fitted in the module's own ``setup``, which Lightning
-      runs after the callbacks' ``setup``, where its copy is taken.
+    - on a fresh fit the average starts from the model at train start, once the data-fitted
+      layers (input normalization, patch whitening) are fitted; Lightning copies the model in
+      the callbacks' ``setup``, before the module fits them. A resumed fit copies it there, as
+      Lightning does, and the checkpoint then fills in the average.
 
     Validation, the final model and the checkpoints' ``state_dict`` hold the average; the
     checkpoints also keep the current weights, so a resumed fit continues both.
@@ -82,7 +83,10 @@ class EMA(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start and step_idx % self.every == 0
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A resumed fit keeps the average its checkpoint restored.
-        if trainer.ckpt_path is None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.ckpt_path is not None:  # the checkpoint restores the average into this copy
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path is None:  # fresh: until now no average, so no swap at sanity check
             super().setup(trainer, pl_module, "fit")

@@ -44,9 +44,14 @@ def find_lr(
     trainer.callbacks = [
         c for c in trainer.callbacks if not isinstance(c, (Checkpoint, SaveConfigCallback))
     ]
+    model, data = cli.model, cli.datamodule
+    # The sweep runs in a callback's on_fit_start, before the model would fit its data-fitted
+    # layers (input normalization, whitening stem) in its own: fit them first, as fit does.
+    data.setup("fit")
+    model.adapt_layers(lambda: data.raw_batches("train"))
     finder = Tuner(trainer).lr_find(
-        cli.model,
-        datamodule=cli.datamodule,
+        model,
+        datamodule=data,
         min_lr=min_lr,
         max_lr=max_lr,
         num_training=num_training,
