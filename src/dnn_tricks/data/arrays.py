@@ -59,7 +59,8 @@ class MappedRows:
     def __getitem__(self, key: Any) -> np.ndarray:
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         rows = np.asarray(self._array[self.index[first]])
-        rows = rows[..., None] if rows.ndim == self._array.ndim and self.ndim == 4 else rows
+        if self._array.ndim == 3 and rows.ndim == 3:  # grey images stored without channels
+            rows = rows[..., None]
         if self.ndim == 2:
             rows = rows.astype(np.float32, copy=False)
         return rows[(slice(None), *rest)] if rest else rows
