@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -107,6 +107,36 @@ def test_ema_final_weights_are_the_moving_average_of_the_steps():
     fresh.load_state_dict(model.state_dict())  # kind / shape codes intact: loads
     x = torch.rand(5, 1, 8, 8)
     torch.testing.assert_close(fresh.input_norm(x), model.input_norm(x))
+
+
+def test_ema_resumed_run_ends_like_the_uninterrupted_one(tmp_path):
+    """The checkpoint carries the average and the current weights: 2 epochs, then a resume to
+    4, ends where 4 epochs straight end."""
+
+    def run(epochs: int, folder: str, ckpt_path: Any = None) -> Classifier:
+        seed_everything(0, verbose=False)
+        model = _model(norm="batch", input_norm=NormalizeConfig(kind="standardize"))
+        trainer = Trainer(
+            max_epochs=epochs,
+            limit_train_batches=4,
+            limit_val_batches=2,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[EMA(decay=0.8), ModelCheckpoint(tmp_path / folder, save_last=True)],
+        )
+        # test-made checkpoints name functools.partial hyperparameters: trusted here
+        trainer.fit(model, _digits(), ckpt_path=ckpt_path, weights_only=False)
+        return model
+
+    straight = run(4, "straight")
+    run(2, "first")
+    resumed = run(4, "first", ckpt_path=tmp_path / "first" / "last.ckpt")
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_swa_averages_the_epoch_weights_at_the_swa_lr():

@@ -39,10 +39,10 @@ class EMA(WeightAveraging):
 
     - integer buffers are copied, not averaged (``ema_keeping_integers``; Lightning's EMA
       averages them with torch's per-tensor EMA and cannot take another);
-    - on a fresh fit the average starts from the model at train start, once the data-fitted
-      layers (input normalization, patch whitening) are fitted; Lightning copies the model in
-      the callbacks' ``setup``, before the module fits them. A resumed fit copies it there, as
-      Lightning does, and the checkpoint then fills in the average.
+    - on a fresh fit the average starts from the model once its data-fitted layers (input
+      normalization, patch whitening) are fitted, in the module's ``on_fit_start``; Lightning
+      copies the model in the callbacks' ``setup``, before that. A resumed fit keeps that copy,
+      which the checkpoint fills in.
 
     Validation, the final model and the checkpoints' ``state_dict`` hold the average; the
     checkpoints also keep the current weights, so a resumed fit continues both.
@@ -84,9 +84,18 @@ class EMA(WeightAveraging):
         return step_idx is not None and step_idx >= self.start and step_idx % self.every == 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.ckpt_path is not None:  # the checkpoint restores the average into this copy
-            super().setup(trainer, pl_module, stage)
+        super().setup(trainer, pl_module, stage)  # a resumed fit restores the average into it
+        self.fresh_copy = False
+
+    def _copy_fitted_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """On a fresh fit, copy the model again once its on_fit_start has fitted it (the
+        checkpoint path is known from fit start on)."""
+        if not self.fresh_copy and trainer.ckpt_path is None:
+            super().setup(trainer, pl_module, "fit")
+        self.fresh_copy = True
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._copy_fitted_model(trainer, pl_module)  # the sanity check validates the average
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is None:  # fresh: until now no average, so no swap at sanity check
-            super().setup(trainer, pl_module, "fit")
+        self._copy_fitted_model(trainer, pl_module)
