@@ -325,3 +325,32 @@ def test_shipped_digits_search_runs_shrunk(tmp_path: Path, run_cli) -> None:
     assert len(study.trials) == 2 and study.direction.name == "MAXIMIZE"
     assert set(study.trials[0].params) == set(yaml.safe_load(shipped.read_text())["space"])
     assert (tmp_path / "search" / "digits" / "best_config.yaml").is_file()
+
+
+def test_shipped_optimizer_lr_search_samples_whole_optimizers(tmp_path: Path, run_cli) -> None:
+    """configs/search/optimizer_lr.yaml, two trials of a few batches: a categorical choice is a
+    whole optimizer (class_path + init_args), and the sampled lr lands inside it."""
+    shipped = CONFIGS / "search" / "optimizer_lr.yaml"
+    spec = yaml.safe_load(shipped.read_text())
+    fixed = {
+        **spec["fixed"],
+        "trainer.max_epochs": 1,
+        "trainer.limit_train_batches": 3,
+        "trainer.limit_val_batches": 1,
+        "trainer.log_every_n_steps": 1,
+    }
+    run_cli(
+        ["search", "--config", shipped, f"--base=[{CONFIGS / 'digits.yaml'}]", "--n_trials=2"]
+        + [f"--fixed={yaml.safe_dump(fixed, default_flow_style=True, width=10**6).strip()}"]
+        + ["--log_dir=search", "--seed=3"]
+    )
+    study = load_study(tmp_path / "search" / "optimizer_lr" / "study.db", name="optimizer_lr")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    choices = spec["space"]["model.optimizer"]["choices"]
+    for t in study.trials:
+        ran = yaml.safe_load(t.user_attrs["config"])["model"]["optimizer"]
+        chosen = yaml.safe_load(t.params["model.optimizer"])
+        assert chosen in choices
+        assert ran["class_path"] == chosen["class_path"]
+        assert {k: ran["init_args"][k] for k in chosen["init_args"]} == chosen["init_args"]
+        assert ran["init_args"]["lr"] == t.params[LR]

@@ -10,11 +10,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from jsonargparse import ArgumentError
 
-from dnn_tricks.search.config import parse_dataclass
+from dnn_tricks.search.config import YamlValue, parse_dataclass
 from dnn_tricks.search.fit import resolve_config, training_args
 
 LABEL = "ablate config"
@@ -32,7 +32,7 @@ class Variant:
     """
 
     name: str
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, YamlValue] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Budget:
         seeds: the seeds at this budget; null for the config's ``seeds``.
     """
 
-    fixed: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, YamlValue] = field(default_factory=dict)
     seeds: list[int] | None = None
 
 
@@ -87,7 +87,7 @@ class AblateConfig:
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed_keys: list[str] = field(default_factory=lambda: ["seed_everything"])
-    fixed: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, YamlValue] = field(default_factory=dict)
     budgets: dict[str, Budget] = field(default_factory=dict)
     budget: str = "full"
     name: str | None = None

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Union
 
 import optuna
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
@@ -20,6 +20,10 @@ from optuna.distributions import (
 )
 
 T = TypeVar("T")
+
+# A value as YAML writes it. Not ``Any``: jsonargparse would turn a mapping with a class_path
+# into a Namespace with every default of that class filled in, or even an instance.
+YamlValue = Union[str, int, float, bool, None, list, dict]  # noqa: UP007 (a runtime union)
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Param:
     high: float | None = None
     step: float | None = None
     log: bool = False
-    choices: list[Any] | None = None
+    choices: list[YamlValue] | None = None
 
 
 @dataclass
@@ -86,7 +90,7 @@ class SearchConfig:
 
     base: list[str]
     space: dict[str, Param] = field(default_factory=dict)
-    fixed: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, YamlValue] = field(default_factory=dict)
     metric: str = "val/acc"
     direction: Literal["maximize", "minimize"] = "maximize"
     n_trials: int = 20
