@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Under DNN_TRICKS_REQUIRE_ALL=1 (CI) a skipped test fails unless it needs a GPU.
+from skip_policy import pytest_configure, pytest_runtest_makereport  # noqa: F401
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # One thread: the tests' models are small, and two threads fighting over a loaded 2-core
 # machine made them 10-30x slower.

@@ -2,11 +2,13 @@
 
 DDP runs in processes the test cannot look into; these files let it compare the ranks with
 each other and with a single-process reference. Passed on the command line with
-``--trainer.callbacks+=ddp_probe.RankProbe --trainer.callbacks.out_dir=DIR``."""
+``--trainer.callbacks+=ddp_probe.RankProbe --trainer.callbacks.out_dir=DIR``. PlantFault
+puts a fault on one rank."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,8 @@ class RankProbe(Callback):
         path = self.out_dir / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.record))
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        normalizer = trainer.datamodule.normalizer
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        normalizer = pl_module.input_norm  # fitted in the model's on_fit_start, before this
         self.record.update(
             rank=trainer.global_rank,
             world_size=trainer.world_size,
@@ -70,3 +72,31 @@ class RankProbe(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record["test_acc"] = float(trainer.callback_metrics["test/acc"])
         self._write(trainer)
+
+
+class PlantFault(Callback):
+    """On one rank only, at one optimizer step: a NaN in the batch (so that rank's loss is
+    non-finite) or an exception, to check that a fault on one rank stops every rank. Each
+    rank writes its process id to ``<out_dir>/pid<R>`` at fit start, so the test can check
+    that no process is left running.
+
+    Args:
+        out_dir: folder for the process-id files.
+        rank: the global rank that faults.
+        step: the global step at which it faults.
+        kind: ``nan`` (a NaN input) or ``raise`` (a ValueError in the training loop).
+    """
+
+    def __init__(self, out_dir: str, rank: int, step: int, kind: str = "nan") -> None:
+        self.out_dir, self.rank, self.step, self.kind = Path(out_dir), rank, step, kind
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank != self.rank or trainer.global_step != self.step:
+            return
+        if self.kind == "raise":
+            raise ValueError(f"a fault planted on rank {self.rank} at step {self.step}")
+        batch[0][0] = float("nan")  # in place: the batch the training step receives

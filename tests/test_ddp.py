@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,15 @@ LAUNCH_ENV = {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GROUP_RA
 LAUNCH_ENV |= {"WORLD_SIZE", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"}
 
 
-def run_ddp(workdir: Path, *overrides: str, timeout: float = 240) -> list[dict]:
-    """``trainer fit`` on digits with the ddp_cpu preset in a subprocess; the ranks' records."""
+def launch(workdir: Path, *overrides: str, timeout: float) -> subprocess.CompletedProcess:
+    """``trainer fit`` on digits with the ddp_cpu preset in a subprocess; a hang fails the
+    test after ``timeout`` seconds instead of blocking the run."""
     env = {
         **{key: value for key, value in os.environ.items() if key not in LAUNCH_ENV},
         "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
         "NO_ALBUMENTATIONS_UPDATE": "1",
         "DNN_TRICKS_CACHE": str(workdir / "cache"),
+        "OMP_NUM_THREADS": "1",
     }
     command = [
         sys.executable,
@@ -54,13 +57,17 @@ def run_ddp(workdir: Path, *overrides: str, timeout: float = 240) -> list[dict]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.logger.init_args.save_dir=logs",
-        "--trainer.callbacks+=ddp_probe.RankProbe",
-        "--trainer.callbacks.out_dir=probe",
         *overrides,
     ]
-    done = subprocess.run(
+    return subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_ddp(workdir: Path, *overrides: str, timeout: float = 240) -> list[dict]:
+    """A DDP fit that must succeed; the ranks' records (see ddp_probe.RankProbe)."""
+    probe = ("--trainer.callbacks+=ddp_probe.RankProbe", "--trainer.callbacks.out_dir=probe")
+    done = launch(workdir, *probe, *overrides, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((workdir / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -105,7 +112,7 @@ def test_every_rank_fits_the_same_normalizer_as_standard_scaler(ddp_run, referen
     # As the model sees them: float32 in [0, 1], C x H x W order; statistics in float64.
     pixels = x.transpose(0, 3, 1, 2).reshape(len(x), -1).astype(np.float32) / np.float32(255)
     scaler = StandardScaler().fit(pixels.astype(np.float64))
-    eps = reference.datamodule.normalize_config.eps
+    eps = reference.model.input_norm.eps
     np.testing.assert_allclose(rank0["mean"], scaler.mean_, rtol=1e-10, atol=1e-12)
     # StandardScaler keeps scale 1 for constant features (digits' border pixels), as we do.
     expected = np.where(scaler.var_ > 0, 1.0 / np.sqrt(scaler.var_ + eps), 1.0)
@@ -171,3 +178,61 @@ def test_two_processes_reach_the_accuracy_of_one(tmp_path):
     one = float(cli.trainer.checkpoint_callback.best_model_score)
     # 216 validation images: one image is 0.46%; seeds move the best accuracy by ~1%.
     assert abs(two - one) <= 0.02, (one, two)
+
+
+def assert_no_process_left(pid_dir: Path) -> None:
+    """Both ranks' processes (ids written by ddp_probe.PlantFault) have ended."""
+    pids = [int((pid_dir / f"pid{rank}").read_text()) for rank in (0, 1)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"processes {alive} are still running")
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "lines"),
+    [
+        (
+            "nan",
+            2,  # a user error (lower the LR): both ranks say so, from the same step
+            [
+                "error: the training loss became nan at global step 2 (epoch 0)",
+                "error: the training loss became non-finite on another process at global step 2",
+            ],
+        ),
+        (
+            "raise",
+            1,  # not a user error of rank 0: it stops because its peer did
+            [
+                "error: a fault planted on rank 1 at step 2",
+                "error: another process of this distributed run stopped (its error is above)",
+            ],
+        ),
+    ],
+)
+def test_a_fault_on_one_rank_stops_both_with_one_line_each(tmp_path, kind, status, lines):
+    plant = (
+        "--trainer.callbacks+=ddp_probe.PlantFault",
+        "--trainer.callbacks.out_dir=pids",
+        "--trainer.callbacks.rank=1",
+        "--trainer.callbacks.step=2",
+        f"--trainer.callbacks.kind={kind}",
+    )
+    limits = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--test_after_fit=false")
+    done = launch(tmp_path, *plant, *limits, timeout=240)
+    assert done.returncode == status, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, done.stderr[-3000:]
+    for expected in lines:
+        assert any(line.startswith(expected) for line in errors), (expected, errors)
+    assert "Traceback" not in done.stderr
+    assert_no_process_left(tmp_path / "pids")
