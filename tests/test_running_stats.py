@@ -132,12 +132,14 @@ def _our_warnings(caught) -> list[str]:
 @pytest.mark.parametrize("norm", ["batch", "iter"])
 def test_healthy_run_is_silent_and_logs_drift(norm, tmp_path):
     check = RunningStatsCheck(every_n_steps=1, drift_batches=4, drift_action="raise")
+    # A seeded init: IterNorm's drift over seeds 0-5 measured 0.40-0.94, but an init drawn
+    # from whatever RNG state earlier tests left once reached 1.23.
+    torch.manual_seed(0)
+    model = digits_model(norm=norm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # 30 steps: a momentum-0.1 average has forgotten its initial value (checked from then on)
-        trainer, model, _ = fit(
-            [check], tmp_path, model=digits_model(norm=norm), epochs=1, batches=30
-        )
+        trainer, model, _ = fit([check], tmp_path, model=model, epochs=1, batches=30)
     assert not _our_warnings(caught)
     names = [name for name, _ in running_stat_layers(model)]
     assert sorted(check.drift) == sorted(names) and len(names) == 2
