@@ -52,7 +52,8 @@ def _config_factory(config: dict | str) -> Callable:
     """The scheduler factory a config makes, as LightningCLI parses and instantiates it."""
     parser = ArgumentParser()
     parser.add_argument("--scheduler", type=LRSchedulerCallable)
-    return parser.instantiate(parser.parse_object({"scheduler": config})).scheduler
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # < 4.50
+    return instantiate(parser.parse_object({"scheduler": config})).scheduler
 
 
 @pytest.mark.parametrize("staircase", [False, True])
