@@ -37,6 +37,8 @@ def _run(args: list[str]) -> None:
         from dnn_tricks.commands.search import main as command_main
     elif command == "ablate":
         from dnn_tricks.commands.ablate import main as command_main
+    elif command == "export":
+        from dnn_tricks.commands.export import main as command_main
     elif command == "preview-augment":
         from dnn_tricks.commands.preview_augment import main as command_main
     elif command == "lr-find":
