@@ -6,6 +6,7 @@ saw; bad input gives one line and writes nothing."""
 from __future__ import annotations
 
 import warnings
+from csv import DictReader
 
 import numpy as np
 import onnx
@@ -196,3 +197,68 @@ def test_unknown_format_and_missing_folder_write_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
         export_model(model, torch.rand(4, 6), "onnx", tmp_path / "missing" / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- trainer export
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One short digits fit and its `trainer predict` CSV, shared by the command's tests."""
+    from conftest import CONFIGS, shrink_args
+    from dnn_tricks.cli import main
+
+    root = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr("sys.argv", ["trainer"])
+        config = ["--config", str(CONFIGS / "digits.yaml")]
+        main(["fit", *config, *shrink_args(root / "logs", batches=3), "--test_after_fit=false"])
+        ckpt = next((root / "logs").rglob("last.ckpt"))
+        csv = root / "predictions.csv"
+        # (the logger's save_dir override of shrink_args is left out: predict refuses it)
+        predict = [a for a in shrink_args(root / "logs", batches=3) if "logger" not in a]
+        main(["predict", *config, *predict, f"--ckpt_path={ckpt}", f"--predictions.path={csv}"])
+    return root, config, ckpt, csv
+
+
+def test_export_command_writes_onnx_giving_predicts_probabilities(digits_run, run_cli, capsys):
+    from dnn_tricks.app import TrainerCLI
+
+    root, config, ckpt, csv = digits_run
+    out = root / "digits.onnx"
+    run_cli(["export", *config, f"--ckpt_path={ckpt}", "--format=onnx", f"--out={out}"])
+    assert "max |p_onnx - p_torch| = " in capsys.readouterr().out
+    # the file alone, on raw test images, gives the probabilities `trainer predict` wrote
+    with open(csv, newline="") as handle:
+        rows = list(DictReader(handle))
+    datamodule = TrainerCLI(args=config, run=False).datamodule
+    x, _ = datamodule.split("test")
+    raw = datamodule.to_float(torch.as_tensor(x[[int(row["index"]) for row in rows]]))
+    probs = torch.softmax(_reload("onnx", out)(raw), dim=-1)
+    columns = [c for c in rows[0] if c.startswith("prob_")]
+    expected = torch.tensor([[float(row[c]) for c in columns] for row in rows])
+    assert len(rows) > 1
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.net.init_args.hidden=[32]"], "was trained with another model config"),
+        (["--format=tflite"], "--format='tflite' is unknown"),
+        (["--out=missing/m.onnx"], "does not exist; create it first"),
+    ],
+    ids=["other_network", "unknown_format", "missing_folder"],
+)
+def test_export_command_bad_input_exits_2_writing_nothing(
+    digits_run, run_cli, capsys, args, message
+):
+    root, config, ckpt, _ = digits_run
+    before = sorted(p for p in root.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["export", *config, f"--ckpt_path={ckpt}", *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert sorted(p for p in root.rglob("*")) == before

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import logging
 import os
 import re
@@ -29,11 +30,18 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported_program
 # Largest max |p_exported - p_torch| over the classes and the example batch (float32).
 TOLERANCE = 1e-5
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 def check_format(fmt: str) -> None:
+    """Refuse an unknown format, or ONNX without the packages that write and check it."""
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r} is unknown; choose one of: {', '.join(FORMATS)}")
+    missing = [p for p in ONNX_PACKAGES if fmt == "onnx" and importlib.util.find_spec(p) is None]
+    if missing:
+        raise ValueError(
+            f"--format=onnx needs {', '.join(missing)}: pip install 'dnn-tricks[export]'"
+        )
 
 
 def check_out_path(out: Path) -> None:
