@@ -112,7 +112,8 @@ def torchvision_loader(root: Path, args: argparse.Namespace):
     transform = v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(args.size, antialias=True),  # the short side
+            # the short side, bicubic as ours
+            v2.Resize(args.size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(args.size),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),

@@ -41,7 +41,7 @@ def _reference_input(path: Path) -> np.ndarray:
     scale = max(SIZE[0] / height, SIZE[1] / width)
     box_w, box_h = SIZE[1] / scale, SIZE[0] / scale
     box = ((width - box_w) / 2, (height - box_h) / 2, (width + box_w) / 2, (height + box_h) / 2)
-    return np.asarray(image.resize(SIZE[::-1], Image.Resampling.BILINEAR, box=box))
+    return np.asarray(image.resize(SIZE[::-1], Image.Resampling.BICUBIC, box=box))
 
 
 def _cli(args: list[str]) -> None:
@@ -160,7 +160,7 @@ def test_arrays_of_new_inputs_are_predicted_by_row(image_run, tmp_path, kind):
 def test_a_csv_of_tabular_features(run_cli, tmp_path, capsys):
     from sklearn.datasets import load_wine
 
-    wine = CONFIGS / "wine_standardize.yaml"
+    wine = CONFIGS / "wine.yaml"
     logs = tmp_path / "logs"
     run_cli(["fit", "--config", wine, *shrink_args(logs, epochs=1), "--test_after_fit=false"])
     (checkpoint,) = logs.glob("*/version_0/checkpoints/last.ckpt")

