@@ -34,9 +34,11 @@ import inspect
 import json
 import os
 import pkgutil
+import re
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -46,13 +48,20 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
+from lightning.pytorch.profilers import Profiler  # noqa: E402
 
-from dnn_tricks import regularize  # noqa: E402
 from dnn_tricks.app import TrainerCLI  # noqa: E402
+from dnn_tricks.models.backbones import optimizer_groups  # noqa: E402
 from dnn_tricks.schedules import build_scheduler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.05
+# Small models pay Lightning's fixed per-step work on ~1 ms steps: a looser target there.
+TARGETS = {"digits.yaml": 1.5}
+# wall: elapsed time, what a user waits. cpu: this process's CPU seconds (all its threads,
+# not loader worker processes), which other jobs on a loaded machine disturb far less.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]  # set by --clock
 
 # ----------------------------------------------------------------------------- setup
 
@@ -91,17 +100,25 @@ def build_cli(
     )
 
 
+def steps_per_epoch(args: argparse.Namespace) -> int:
+    """Train steps in one of this benchmark's epochs: --steps, or fewer on small data."""
+    with tempfile.TemporaryDirectory() as log_dir:
+        data = build_cli(args, log_dir).datamodule
+    data.setup("fit")
+    return min(args.steps, len(data.train_dataloader()))
+
+
 class EpochClock(Callback):
-    """perf_counter at each training-epoch start and at the end of training."""
+    """The clock at each training-epoch start and at the end of training."""
 
     def __init__(self) -> None:
         self.marks: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.marks.append(time.perf_counter())
+        self.marks.append(clock())
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.marks.append(time.perf_counter())
+        self.marks.append(clock())
 
 
 def summarize(start: float, marks: list[float]) -> tuple[float, list[float]]:
@@ -116,37 +133,38 @@ def summarize(start: float, marks: list[float]) -> tuple[float, list[float]]:
 def run_trainer(
     args: argparse.Namespace, *extra: str, callbacks: list[dict] | None = None
 ) -> tuple[float, list[float]]:
-    start = time.perf_counter()
+    start = clock()
     with tempfile.TemporaryDirectory() as log_dir:
         cli = build_cli(args, log_dir, *extra, callbacks=callbacks)
-        clock = EpochClock()
-        cli.trainer.callbacks.append(clock)
+        epochs = EpochClock()
+        cli.trainer.callbacks.append(epochs)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return summarize(start, clock.marks)
+    return summarize(start, epochs.marks)
 
 
 def run_plain(args: argparse.Namespace) -> tuple[float, list[float]]:
     """The same network, batches, optimizer and schedule in a loop written by hand."""
-    start = time.perf_counter()
+    start = clock()
     with tempfile.TemporaryDirectory() as log_dir:
         cli = build_cli(args, log_dir)
     data, model = cli.datamodule, cli.model
     data.setup("fit")
-    net, hp = model.net, model.hparams
-    optimizer = model.optimizer_factory(regularize.decay_param_groups(net, hp.decay_norm_and_bias))
+    model.adapt_layers(lambda: data.raw_batches("train"))  # the fitted input normalization
+    hp = model.hparams
+    optimizer = model.optimizer_factory(optimizer_groups(model.net, hp.decay_norm_and_bias))
     per_step = hp.scheduler_interval == "step"
     total = args.epochs * args.steps if per_step else args.epochs
     schedule = build_scheduler(model.scheduler_factory, optimizer, total)
     train, val = data.train_dataloader(), data.val_dataloader()
     marks = []
     for _ in range(args.epochs):
-        marks.append(time.perf_counter())
-        net.train()
+        marks.append(clock())
+        model.train()
         correct = torch.zeros((), dtype=torch.long)
         for step, (x, y) in enumerate(train):
             if step == args.steps:
                 break
-            logits = net(data.prepare_inputs(x))
+            logits = model(data.to_float(x))  # raw inputs -> normalizer -> net
             loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,14 +174,56 @@ def run_plain(args: argparse.Namespace) -> tuple[float, list[float]]:
             correct += (logits.argmax(1) == y).sum()
         if not per_step:
             schedule.step()
-        net.eval()
+        model.eval()
         with torch.no_grad():
             for step, (x, y) in enumerate(val):
                 if step == args.val_steps:
                     break
-                correct += (net(data.prepare_inputs(x)).argmax(1) == y).sum()
-    marks.append(time.perf_counter())
+                correct += (model(data.to_float(x)).argmax(1) == y).sum()
+    marks.append(clock())
     return summarize(start, marks)
+
+
+# ----------------------------------------------------------------------------- per hook
+
+
+class HookClock(Profiler):
+    """Lightning's profiler interface timing every hook with this benchmark's clock (the
+    SimpleProfiler reads the wall clock, which a loaded machine makes noise of)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: dict[str, float] = {}
+        self.spent: dict[str, list[float]] = defaultdict(list)
+
+    def start(self, action_name: str) -> None:
+        self.open[action_name] = clock()
+
+    def stop(self, action_name: str) -> None:
+        begun = self.open.pop(action_name, None)
+        if begun is not None:
+            self.spent[action_name].append(clock() - begun)
+
+
+def profile_hooks(args: argparse.Namespace, rows: int = 25) -> None:
+    """Per-hook time of one `trainer fit` run (the "trainer fit" arm), heaviest first, in ms
+    per optimizer step, next to the plain loop's ms per step."""
+    hooks = HookClock()
+    with tempfile.TemporaryDirectory() as log_dir:
+        cli = build_cli(args, log_dir)
+        cli.trainer.profiler = hooks
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        steps = cli.trainer.global_step
+    _, plain = run_plain(args)
+    per_step = statistics.median(plain) / steps_per_epoch(args)
+    print(f"\nper hook, {steps} steps of trainer fit ({args.clock} clock; the whole run)")
+    print(f"{'hook':64} {'calls':>6} {'ms':>8} {'ms/step':>8}")
+    totals = sorted(((sum(t), len(t), name) for name, t in hooks.spent.items()), reverse=True)
+    for total, calls, name in totals[:rows]:
+        name = re.sub(r"\{.*\}", "", name)  # ModelCheckpoint{...}: its arguments
+        print(f"{name[:64]:64} {calls:6d} {1e3 * total:8.1f} {1e3 * total / steps:8.3f}")
+    label = "plain loop, one whole step (loader to schedule)"
+    print(f"{label:64} {'':6} {'':8} {1e3 * per_step:8.3f}")
 
 
 # ----------------------------------------------------------------------------- tricks
@@ -200,8 +260,8 @@ def trick_variants(config: Path, always_on: set[str]) -> dict[str, Variant]:
     config lists them, else with their defaults; ``always_on`` (added by the CLI) are skipped."""
     net = "--model.net.init_args"
     variants: dict[str, Variant] = {
-        "input norm: none": (["--data.normalize.kind=none"], None),
-        "input norm: zca_whiten": (["--data.normalize.kind=zca_whiten"], None),
+        "input norm: none": (["--model.input_norm.kind=none"], None),
+        "input norm: zca_whiten": (["--model.input_norm.kind=zca_whiten"], None),
         "hidden norm: none": ([f"{net}.norm=none"], None),
         "hidden norm: layer": ([f"{net}.norm=layer"], None),
         "hidden norm: group (8)": ([f"{net}.norm=group", f"{net}.num_groups=8"], None),
@@ -247,18 +307,20 @@ def compare_loops(args: argparse.Namespace) -> None:
             startups[arm].append(startup)
             epochs[arm].extend(times)
     plain = statistics.median(epochs["plain loop"])
+    steps = steps_per_epoch(args)
     header = f"{'startup s':>9} {'s/epoch':>8} {'min s/epoch':>11} {'x plain':>8} {'ms/step':>8}"
     print(f"\n{'':14} {header}")
     for arm in names:
         seconds = statistics.median(epochs[arm])
-        extra_ms = 1e3 * (seconds - plain) / args.steps
+        extra_ms = 1e3 * (seconds - plain) / steps
         print(
             f"{arm:14} {statistics.median(startups[arm]):9.2f} {seconds:8.3f} "
             f"{min(epochs[arm]):11.3f} {seconds / plain:8.3f} {extra_ms:+8.2f}"
         )
     ratio = statistics.median(epochs["trainer fit"]) / plain
-    verdict = "meets" if ratio <= TARGET_RATIO else "misses"
-    print(f"trainer fit / plain loop = {ratio:.3f}: {verdict} the target <= {TARGET_RATIO}")
+    target = args.target or TARGETS.get(args.config.name, TARGET_RATIO)
+    verdict = "meets" if ratio <= target else "misses"
+    print(f"trainer fit / plain loop = {ratio:.3f}: {verdict} the target <= {target}")
 
 
 def compare_tricks(args: argparse.Namespace) -> None:
@@ -306,18 +368,25 @@ def main() -> None:
     parser.add_argument("--trick-epochs", type=int, default=2, help="per trick run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--skip-tricks", action="store_true")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--profile", action="store_true", help="also a per-hook table")
+    parser.add_argument("--target", type=float, help="ratio to meet (default per config)")
     args = parser.parse_args()
     if min(args.epochs, args.trick_epochs) < 2:
         parser.error("--epochs and --trick-epochs must be >= 2 (the first epoch is warm-up)")
     if min(args.steps, args.val_steps) < 2:
         parser.error("--steps and --val-steps must be >= 2 (Lightning reads 1 as 100%)")
     torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     print(
         f"{args.config.name}: {args.steps} steps + {args.val_steps} val batches per epoch, "
         f"{args.epochs} epochs x {args.repeats} rotating runs, {args.threads} thread(s), "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.clock} clock"
     )
     compare_loops(args)
+    if args.profile:
+        profile_hooks(args)
     if not args.skip_tricks:
         compare_tricks(args)
 
