@@ -1,32 +1,72 @@
 """Every file in configs/ runs: experiment configs as shrunk fits, trainer presets composed
-with the digits config, augmentation pipelines through the train loader."""
+with the digits config, augmentation pipelines through the train loader, and the group pieces
+(base, trainer default, callbacks, data) through the experiments that include them."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import CONFIGS, FASHION_MNIST, shrink_args, write_cifar10_batches
 
-EXPERIMENTS = sorted(CONFIGS.glob("*.yaml"))
-TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+BASE = CONFIGS / "base.yaml"
+EXPERIMENTS = sorted({*CONFIGS.glob("*.yaml"), *CONFIGS.glob("speedrun/*.yaml")} - {BASE}, key=str)
+TRAINER_PRESETS = sorted(
+    set((CONFIGS / "trainer").glob("*.yaml")) - {CONFIGS / "trainer/default.yaml"}
+)
+# Pieces defined once and included by experiments (`config: base.yaml`, `data: data/x.yaml`,
+# `trainer.callbacks: callbacks/x.yaml`); they run inside the experiments above.
+GROUP_PIECES = sorted(
+    {BASE, CONFIGS / "trainer/default.yaml"}
+    | set((CONFIGS / "callbacks").glob("*.yaml"))
+    | set((CONFIGS / "data").glob("*.yaml"))
+)
 AUGMENTS = sorted((CONFIGS / "augment").glob("*.yaml"))
 # Presets that need hardware this machine may lack run where it exists.
 NEEDS_GPU = {"gpu.yaml", "ddp.yaml", "multinode.yaml"}
 
 
 def test_every_config_file_is_covered_here():
-    covered = set(EXPERIMENTS) | set(TRAINER_PRESETS) | set(AUGMENTS)
+    covered = set(EXPERIMENTS) | set(TRAINER_PRESETS) | set(AUGMENTS) | set(GROUP_PIECES)
     covered |= set((CONFIGS / "search").glob("*.yaml"))  # run by tests/test_search.py
+    covered |= set((CONFIGS / "ablate").glob("*.yaml"))  # run by tests/test_ablate.py
     assert set(CONFIGS.rglob("*.yaml")) == covered
+
+
+def _included(config: Path) -> list[Path]:
+    """The files a config pulls in: its `config:` parent and the group pieces it names."""
+    found = []
+    for line in config.read_text().splitlines():
+        match = re.match(
+            r"^(?:config|data|trainer|callbacks|trainer\.callbacks):\s*([\w./-]+\.yaml)", line
+        )
+        if match:
+            piece = (config.parent / match.group(1)).resolve()
+            found += [piece, *_included(piece)]
+    return found
+
+
+def test_every_group_piece_is_included_by_an_experiment():
+    used = {piece for config in EXPERIMENTS for piece in _included(config)}
+    used |= {piece for preset in [CONFIGS / "base.yaml"] for piece in _included(preset)}
+    assert set(GROUP_PIECES) <= used, set(GROUP_PIECES) - used
+
+
+def test_full_callbacks_extend_the_basic_set_unchanged():
+    basic = yaml.safe_load((CONFIGS / "callbacks/basic.yaml").read_text())
+    full = yaml.safe_load((CONFIGS / "callbacks/full.yaml").read_text())
+    assert full[: len(basic)] == basic and len(full) > len(basic)
 
 
 def _data_overrides(config, tmp_path, monkeypatch) -> list[str]:
     """Point configs at data that exists offline: CIFAR-10 batch files written here."""
-    text = config.read_text()
+    text = "\n".join(p.read_text() for p in [config, *_included(config)])
     if "source: fashion_mnist" in text:
         if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
             pytest.skip("Debian's dataset-fashion-mnist is not installed")

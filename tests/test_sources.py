@@ -60,7 +60,7 @@ def test_own_source_from_a_test_module_through_the_cli(run_cli, tmp_path):
         [
             "fit",
             "--config",
-            CONFIGS / "wine_standardize.yaml",
+            CONFIGS / "wine.yaml",
             "--config",
             PLUGIN_YAML,
             *shrink_args(logs, epochs=1, batches=2),

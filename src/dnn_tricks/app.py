@@ -4,6 +4,7 @@ of the best checkpoint after every fit. It knows no other subcommand (see ``cli.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ class TrainerCLI(LightningCLI):
         )
         return parser
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._experiment = _first_config(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         # A pipeline path written relative to its config file is saved as an absolute path,
         # so the run's config.yaml works from its own folder too.
@@ -67,6 +72,7 @@ class TrainerCLI(LightningCLI):
         augment = config.get("data", {}).get("augment")
         if isinstance(augment, Path_fr):
             config["data"]["augment"] = Path_fr(augment.absolute)
+        _name_run_after_experiment(config, self._experiment)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # Always on: RNG state in checkpoints (exact resume) and atomic checkpoint writes.
@@ -139,3 +145,25 @@ def run_app(args: list[str]) -> None:
 
     sys.argv = [sys.argv[0], *args]  # LightningCLI reads sys.argv
     TrainerCLI()
+
+
+def _first_config(args: Any) -> str | None:
+    """The first ``--config`` file of a command line: the experiment (later ones are presets)."""
+    args = list(args) if isinstance(args, (list, tuple)) else []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return str(args[i + 1])
+        if str(arg).startswith("--config="):
+            return str(arg).split("=", 1)[1]
+    return None
+
+
+def _name_run_after_experiment(config: Any, experiment: str | None) -> None:
+    """A logger without a ``name`` gets the experiment file's name, so runs land in
+    logs/<experiment>/version_N without the name copied by hand into each config file."""
+    logger = config.get("trainer", {}).get("logger")
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or experiment is None:
+        return
+    if init_args.get("name") in (None, "lightning_logs"):
+        init_args["name"] = Path(experiment).stem

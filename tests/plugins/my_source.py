@@ -1,6 +1,6 @@
 """A data source of your own, named by class path, with no edit inside dnn_tricks:
 
-    trainer fit --config configs/wine_standardize.yaml --config tests/plugins/my_source.yaml
+    trainer fit --config configs/wine.yaml --config tests/plugins/my_source.yaml
 
 Two interleaving half circles (scikit-learn's ``make_moons``): two features that no linear
 model separates, so it shows what a hidden layer buys. A source is a class with a
