@@ -262,3 +262,24 @@ def test_chunk_folder_mistakes(run_cli, capsys, prepared, tmp_path):
 
     line = _one_line(run_cli, capsys, "prepare-data", "--config", config, "--out", chunks)
     assert f"--out {chunks} is not empty" in line
+
+
+def test_image_folders_are_written_at_the_evaluation_size(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, size=(*rng.integers(10, 30, size=2), 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    keys = dict(source="image_folder", root=str(tmp_path / "imgs"), image_size=(8, 6))
+    folder = DataModule(**keys, batch_size=2, val_fraction=0.25, test_fraction=0.25)
+    write_chunks(folder, str(tmp_path / "chunks"))
+    streamed = DataModule(source="streaming", root=str(tmp_path / "chunks"), batch_size=2)
+    assert streamed.input_shape == (3, 8, 6) and streamed.class_names == ["a", "b"]
+    for split in ("train", "val", "test"):
+        x, y = folder.split(split)
+        rows, labels = streamed.split(split)
+        np.testing.assert_array_equal(rows[np.arange(len(rows))], x[np.arange(len(x))])
+        np.testing.assert_array_equal(labels, y)
