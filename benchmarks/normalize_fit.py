@@ -66,7 +66,7 @@ def run_child(method: str, batch_size: int) -> dict:
             )
             return InputNormalizer("zca_whiten").adapt(batches).eigenvalues_before.tolist()
         dtype = np.float32 if method.endswith("f32") else np.float64
-        return PCA(whiten=True).adapt(pixels.astype(dtype) / dtype(255)).explained_variance_.tolist()
+        return PCA(whiten=True).fit(pixels.astype(dtype) / dtype(255)).explained_variance_.tolist()
 
     pixels = load_images()
     fit(pixels[:2000])  # warm-up: library loading and BLAS buffers are not the method's cost
