@@ -9,10 +9,12 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import CONFIGS, shrink_args
+from conftest import CONFIGS, requires_fashion_mnist, shrink_args
+from dnn_tricks.app import TrainerCLI
 from dnn_tricks.data.augment import Augment
 from dnn_tricks.data.datamodule import DataModule
 from dnn_tricks.data.datasets import ArrayDataset, collate_batch
@@ -278,3 +280,108 @@ def test_bad_layouts_get_one_line(run_cli, capsys, tmp_path):
     Image.fromarray(_rgb(30, 30)).save(mixed / "cat" / "big.png")
     line = _run_bad(run_cli, capsys, tmp_path, mixed)
     assert "mixes image sizes" in line and "set data.image_size: [H, W]" in line
+
+
+# ---------------------------------------------------------------- real data, real check
+
+REAL_TRAIN, REAL_TEST, REAL_EPOCHS = 12000, 10000, 3
+
+
+@pytest.mark.slow
+@requires_fashion_mnist()
+def test_fashion_mnist_as_files_trains_like_the_arrays(tmp_path):
+    """Fashion-MNIST written as PNG and JPEG files upscaled to 28-64 px, read back through
+    image_folder at 28 x 28, trains the ConvNet to the accuracy of the same images held in
+    memory (same samples, splits, seed and budget): within 1.5 points on 10,000 test images.
+    Measured on the 2-core machine: 0.8880 (arrays) vs 0.8874 (files), 4 min under load."""
+    fm = load_source("fashion_mnist")
+    rng = np.random.default_rng(0)
+
+    def per_class(y, n):  # class-major, like the folder's order, so the splits coincide
+        return np.concatenate([np.flatnonzero(y == c)[: n // 10] for c in range(10)])
+
+    train, test = per_class(fm.y, REAL_TRAIN), per_class(fm.test_y, REAL_TEST)
+    arrays = tmp_path / "fm.npz"
+    np.savez(arrays, x=fm.x[train], y=fm.y[train], x_test=fm.test_x[test], y_test=fm.test_y[test])
+    for split, x, y in (
+        ("train", fm.x[train], fm.y[train]),
+        ("test", fm.test_x[test], fm.test_y[test]),
+    ):
+        for k, (pixels, label) in enumerate(zip(x[..., 0], y, strict=True)):
+            folder = tmp_path / "files" / split / f"c{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            side = int(rng.integers(28, 65))
+            image = Image.fromarray(pixels).resize((side, side), Image.Resampling.BICUBIC)
+            image.save(folder / f"{k:05d}.{'png' if k % 2 else 'jpg'}", quality=95)
+    config = tmp_path / "convnet.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {
+                    "max_epochs": REAL_EPOCHS,
+                    "accelerator": "cpu",
+                    "deterministic": True,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "enable_checkpointing": False,
+                    "logger": {
+                        "class_path": "dnn_tricks.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": str(tmp_path / "logs")},
+                    },
+                },
+                "model": {
+                    "input_norm": {"kind": "standardize", "per_channel": True},
+                    "net": {
+                        "class_path": "dnn_tricks.models.nets.ConvNet",
+                        "init_args": {
+                            "channels": [32, 64],
+                            "convs_per_stage": 1,
+                            "hidden": [128],
+                            "norm": "batch",
+                            "dropout": 0.25,
+                        },
+                    },
+                    "optimizer": {
+                        "class_path": "torch.optim.SGD",
+                        "init_args": {
+                            "lr": 0.05,
+                            "momentum": 0.9,
+                            "nesterov": True,
+                            "weight_decay": 5e-4,
+                        },
+                    },
+                    # An annealed LR: the last weights, not a noisy point of a constant-LR
+                    # walk, are compared (constant LR: gaps of 1.0 and 1.9 points measured).
+                    "scheduler": {
+                        "class_path": "torch.optim.lr_scheduler.OneCycleLR",
+                        "init_args": {"max_lr": 0.1, "pct_start": 0.25},
+                    },
+                    "scheduler_interval": "step",
+                },
+                "data": {"batch_size": 128, "val_fraction": 0.1},
+            }
+        )
+    )
+    sources = {
+        "arrays": ["--data.source=arrays", f"--data.root={arrays}"],
+        "files": [
+            "--data.source=image_folder",
+            f"--data.root={tmp_path / 'files'}",
+            "--data.image_size=[28,28]",
+            "--data.channels=1",
+        ],
+    }
+    accuracy = {}
+    for name, keys in sources.items():
+        cli = TrainerCLI(
+            args=["--config", str(config), *keys, f"--trainer.logger.init_args.name={name}"],
+            run=False,
+        )
+        assert cli.datamodule.input_shape == (1, 28, 28)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        (result,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        accuracy[name] = result["test/acc"]
+    print(f"Fashion-MNIST test accuracy: {accuracy}")
+    assert accuracy["arrays"] > 0.8
+    assert abs(accuracy["arrays"] - accuracy["files"]) <= 0.015
