@@ -233,8 +233,8 @@ def test_export_command_writes_onnx_giving_predicts_probabilities(digits_run, ru
     with open(csv, newline="") as handle:
         rows = list(DictReader(handle))
     datamodule = TrainerCLI(args=config, run=False).datamodule
-    x, _ = datamodule.split("test")
-    raw = datamodule.to_float(torch.as_tensor(x[[int(row["index"]) for row in rows]]))
+    test_inputs = torch.cat(list(datamodule.raw_batches("test")))  # float, as the model takes
+    raw = test_inputs[[int(row["index"]) for row in rows]]
     probs = torch.softmax(_reload("onnx", out)(raw), dim=-1)
     columns = [c for c in rows[0] if c.startswith("prob_")]
     expected = torch.tensor([[float(row[c]) for c in columns] for row in rows])
