@@ -66,22 +66,22 @@ TOP_LEVEL = {
 }
 
 
-def write_config(path: Path) -> Path:
-    """digits.yaml with only its two ModelCheckpoints: no early stop can end a run before
-    its kill, and no figure or check slows the epochs down."""
-    config = yaml.safe_load(DIGITS.read_text())
-    callbacks = config["trainer"]["callbacks"]
-    config["trainer"]["callbacks"] = [c for c in callbacks if "ModelCheckpoint" in c["class_path"]]
-    assert len(config["trainer"]["callbacks"]) == 2  # best-*.ckpt and last.ckpt
-    path.write_text(yaml.safe_dump(config))
+def write_callbacks(path: Path) -> Path:
+    """The shipped callbacks but the two ModelCheckpoints (best-*.ckpt and last.ckpt): no
+    early stop can end a run before its kill."""
+    callbacks = yaml.safe_load((CONFIGS / "callbacks" / "basic.yaml").read_text())
+    kept = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(kept) == 2
+    path.write_text(yaml.safe_dump(kept))
     return path
 
 
-def fit_args(config: Path, logs: Path, *extra: str) -> list[str]:
+def fit_args(callbacks: Path, logs: Path, *extra: str) -> list[str]:
     return [
         "fit",
         "--config",
-        str(config),
+        str(DIGITS),
+        f"--trainer.callbacks={callbacks}",
         WIDE,
         f"--trainer.max_epochs={EPOCHS}",
         f"--trainer.limit_train_batches={STEPS_PER_EPOCH}",
@@ -199,7 +199,7 @@ def test_sigkill_at_every_point_of_a_save_leaves_loadable_checkpoints_and_resume
 ):
     logs = tmp_path / "logs"
     runs = logs / "digits"
-    config = write_config(tmp_path / "digits.yaml")
+    callbacks = write_callbacks(tmp_path / "callbacks.yaml")
     expected = expected_model_state(tmp_path / "reference")
     env = {"NO_ALBUMENTATIONS_UPDATE": "1", "DNN_TRICKS_CACHE": str(tmp_path / "cache")}
     hits = []
@@ -213,7 +213,7 @@ def test_sigkill_at_every_point_of_a_save_leaves_loadable_checkpoints_and_resume
         log = tmp_path / f"run{k}.log"
         pause = f"{phase},{prefix},{n},{marker}"
         proc = start(
-            launcher, fit_args(config, logs, *resume), tmp_path, {**env, PAUSE: pause}, log
+            launcher, fit_args(callbacks, logs, *resume), tmp_path, {**env, PAUSE: pause}, log
         )
         try:
             if phase == "fsync":
@@ -261,7 +261,7 @@ def test_sigkill_at_every_point_of_a_save_leaves_loadable_checkpoints_and_resume
     partials = sorted(logs.rglob("*.partial"))
     assert len(partials) == sum(phase != "renamed" for phase, _, _ in KILLS)
     log = tmp_path / "final.log"
-    proc = start(launcher, fit_args(config, logs, "--ckpt_path=last"), tmp_path, env, log)
+    proc = start(launcher, fit_args(callbacks, logs, "--ckpt_path=last"), tmp_path, env, log)
     proc.join(timeout=300)
     if proc.exitcode is None:
         proc.kill()
