@@ -39,6 +39,11 @@ class SeenIds(Callback):
         ids = batch[0][:, 0].round().long().tolist()
         self.seen.setdefault(str(trainer.current_epoch), []).extend(ids)
 
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
+        if not trainer.sanity_checking:
+            ids = batch[0][:, 0].round().long().tolist()
+            self.seen.setdefault(f"val{trainer.current_epoch}", []).extend(ids)
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
@@ -172,6 +177,10 @@ def test_two_ddp_processes_see_each_sample_once_per_epoch(prepared, tmp_path):
         assert len(first) == len(second) == 150  # half each, no padding
         assert not set(first) & set(second) and set(first) | set(second) == train_ids
     assert ranks[0]["0"] != ranks[0]["1"]
+    # Validation: equal shares of the 100 samples, each on one rank.
+    val_ids = reference.split("val")[0][:, 0].astype(int).tolist()
+    for epoch in ("val0", "val1"):
+        assert sorted(ranks[0][epoch] + ranks[1][epoch]) == sorted(val_ids)
 
 
 def _fit(run_cli, config, chunks, name, out, *extra):

@@ -177,15 +177,16 @@ class ChunkRows:
     def dataloader(
         self,
         batch_size: int,
-        train: bool,
         seed: int,
         num_workers: int = 0,
         augment: Any = None,
         pin_memory: bool = False,
         worker_init_fn: Any = None,
     ) -> Any:
-        """A StreamingDataLoader over this split: shuffled per epoch and with drop_last for
-        training; sharded across DDP ranks either way (LitData reads the process group)."""
+        """The training loader: a StreamingDataLoader, shuffled anew each epoch and sharded
+        across DDP ranks (LitData reads the process group), dropping the last samples that
+        would leave ranks out of step. (Evaluation reads by index like any other source, so
+        Lightning's distributed sampler splits it and no sample is left out.)"""
         if len(self) != self.count:
             raise ValueError(
                 "data.train_subset does not apply to data.source: streaming; write the subset "
@@ -195,12 +196,12 @@ class ChunkRows:
         dataset = litdata.StreamingDataset(
             self.url,
             cache_dir=self.cache_dir,
-            shuffle=train,
+            shuffle=True,
             seed=seed,
-            drop_last=True if train else None,
-            transform=_ToPair(augment if train else None),
+            drop_last=True,
+            transform=_ToPair(augment),
         )
-        dataset.augment = augment if train else None  # found by augment.worker_init_fn
+        dataset.augment = augment  # found by augment.worker_init_fn
         return litdata.StreamingDataLoader(
             dataset,
             batch_size=batch_size,
