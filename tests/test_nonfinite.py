@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from callback_helpers import one_thread
 from lightning.pytorch import Callback
 
@@ -38,20 +37,17 @@ class PlantNaNInput(Callback):
 
 def test_nan_loss_exits_2_naming_the_step_and_keeps_the_last_checkpoint(run_cli, tmp_path, capsys):
     record = tmp_path / "last.sha256"
-    config = yaml.safe_load((CONFIGS / "digits.yaml").read_text())
-    config["trainer"]["callbacks"].append(
-        {
-            "class_path": f"{__name__}.PlantNaNInput",
-            "init_args": {"step": 5, "record": str(record)},
-        }
-    )
-    path = tmp_path / "nan.yaml"
-    path.write_text(yaml.safe_dump(config))
+    plant = [
+        f"--trainer.callbacks+={__name__}.PlantNaNInput",
+        "--trainer.callbacks.step=5",
+        f"--trainer.callbacks.record={record}",
+    ]
     logs = tmp_path / "logs"
 
     # 3 steps per epoch: epoch 0 validates and writes last.ckpt at step 3, NaN at step 5
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", "--config", path, *shrink_args(logs, epochs=3, batches=3)])
+        config = ["--config", CONFIGS / "digits.yaml"]
+        run_cli(["fit", *config, *shrink_args(logs, epochs=3, batches=3), *plant])
 
     assert exit_info.value.code == 2
     error = capsys.readouterr().err

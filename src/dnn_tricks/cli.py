@@ -65,15 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         hint = "; see `trainer fit --help`" if isinstance(error, ArgumentError) else ""
-        print(f"error: {_one_line(error)}{hint}  (--debug shows the traceback)", file=sys.stderr)
+        # one write, newline included: the ranks of a DDP run print at once, and a separate
+        # write of the newline let their lines interleave
+        sys.stderr.write(f"error: {_one_line(error)}{hint}  (--debug shows the traceback)\n")
         raise SystemExit(2) from None
     except RuntimeError as error:
         if debug or not any(text in str(error) for text in PEER_STOPPED):
             raise
-        print(
+        sys.stderr.write(
             "error: another process of this distributed run stopped (its error is above), so "
-            "this one stops too  (--debug shows the traceback)",
-            file=sys.stderr,
+            "this one stops too  (--debug shows the traceback)\n"
         )
         raise SystemExit(1) from None
 

@@ -21,6 +21,7 @@ from dnn_tricks import regularize
 from dnn_tricks.models.backbones import NetFactory, apply_lr_scales, build_net, optimizer_groups
 from dnn_tricks.models.input_norm import InputNormalizer, NormalizeConfig
 from dnn_tricks.models.mixing import BatchMixing, MixConfig
+from dnn_tricks.models.step_metrics import EpochSums, NonFiniteGuard
 from dnn_tricks.schedules import build_scheduler
 
 
@@ -98,7 +99,8 @@ class Classifier(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.num_classes = num_classes
         self.mixing = BatchMixing(mixing, num_classes) if mixing is not None else None
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # training scalars summed on the device, logged at log steps and epoch ends
+        self._epoch_sums, self._nonfinite = EpochSums(), NonFiniteGuard()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -141,26 +143,45 @@ class Classifier(LightningModule):
             logits = self._net_forward(x)
         data_loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
         loss = data_loss + sum(terms.values()) if terms else data_loss
-        bad = anywhere = not torch.isfinite(loss)
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            # every DDP rank stops at the same step: a rank that stopped alone would leave
-            # the others waiting in the next gradient all-reduce
-            anywhere = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if anywhere:
-            where = f"became {loss.item()}" if bad else "became non-finite on another process"
-            raise FloatingPointError(
-                f"the training loss {where} at global step {self.global_step} "
-                f"(epoch {self.current_epoch}); lower the learning rate or check the inputs. "
-                "The last good checkpoint is kept."
-            )
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/data_loss", data_loss, on_step=False, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True)
+        log_step = self._log_step()
+        # checked at once on a CPU, else without a host sync (see NonFiniteGuard)
+        self._nonfinite.observe(self, loss, log_step)
+        # No self.log per step (about 1 ms each, see step_metrics.py): device-side sums, read
+        # at Lightning's log steps and at the epoch end. train/acc counts the unshifted labels.
+        epoch_values = {"train/loss_epoch": loss, "train/data_loss": data_loss}
+        epoch_values.update({f"train/{name}_epoch": value for name, value in terms.items()})
+        self._epoch_sums.add(epoch_values, logits, y)
+        if log_step:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            for name, value in terms.items():
+                self.log(f"train/{name}_step", value, on_step=True, on_epoch=False)
         return loss
+
+    def _log_step(self) -> bool:
+        """Whether Lightning writes this step's metrics (every ``log_every_n_steps``)."""
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 0
+        return bool(every) and (self.global_step + 1) % every == 0
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._nonfinite.check(self, self.current_epoch)
+        means = self._epoch_sums.means(accuracy="train/acc")
+        if means:  # one all-reduce each under DDP, once per epoch
+            self.log(
+                "train/loss_epoch", means.pop("train/loss_epoch"), prog_bar=True, sync_dist=True
+            )
+            self.log_dict(means, sync_dist=True)
+
+    def on_validation_start(self) -> None:
+        self._nonfinite.check(self, self.current_epoch)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._nonfinite.check(self, self.current_epoch)
+
+    def on_train_end(self) -> None:
+        self._nonfinite.check(self, self.current_epoch)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+_NONE = 2**62  # "no non-finite loss" on this rank: above any step, for the MIN reduction
+
 
 class EpochSums:
     """Sample-weighted sums of named scalars over one training epoch, and the number of
@@ -98,12 +100,13 @@ class NonFiniteGuard:
         if self.step is None:
             return
         trainer = module._trainer
+        earliest = int(self.step)
         if trainer is not None and trainer.world_size > 1:
-            steps = module.all_gather(self.step).reshape(-1)
-            bad = steps[steps >= 0]
-            earliest = int(bad.min()) if len(bad) else -1
-        else:
-            earliest = int(self.step)
+            from torch.distributed import ReduceOp
+
+            mine = torch.where(self.step >= 0, self.step, _NONE)
+            earliest = int(trainer.strategy.reduce(mine, reduce_op=ReduceOp.MIN))
+            earliest = -1 if earliest == _NONE else earliest
         if earliest < 0:
             return
         mine = int(self.step) == earliest
