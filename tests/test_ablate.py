@@ -85,6 +85,16 @@ def test_paired_difference_matches_ttest_rel(shift: float, higher: bool, expecte
         assert sps.ttest_ind(variant, base).pvalue > 0.05
 
 
+def test_a_difference_at_float32_rounding_is_no_difference() -> None:
+    """Accuracies logged as float32 (k / 360 test images): equal sums differ by ~1e-8."""
+    variant = np.float64(np.float32([340, 341, 345]) / np.float32(360))
+    base = np.float64(np.float32([341, 342, 343]) / np.float32(360))
+    assert np.mean(variant - base) != 0  # the rounding is there
+    got = paired(list(variant), list(base), True)
+    assert got.diff.mean == 0.0 and got.seeds_needed is None
+    assert got.verdict == "no difference detected at 3 seeds"
+
+
 @pytest.mark.parametrize(("effect", "seeds"), [(0.5, 34), (0.8, 15), (1.0, 10), (0.2, 199)])
 def test_seeds_for_80_percent_power_match_gpower(effect: float, seeds: int) -> None:
     """G*Power 3.1, t tests, "means: difference between two dependent means (matched

@@ -18,6 +18,7 @@ from scipy import stats
 CONFIDENCE = 0.95
 POWER = 0.8
 MAX_SEEDS = 10_000
+ROUNDING = 1e-6
 
 
 @dataclass
@@ -80,6 +81,10 @@ def paired(variant: Sequence[float], baseline: Sequence[float], higher_is_better
     spread = len(d) > 1 and d.std() > 0
     result = stats.ttest_rel(a, b) if spread else None
     diff = _interval(result, d)
+    # Logged metrics are float32: a mean difference within ~1e-6 of the values' size is their
+    # rounding (0.975 - 0.9722 + 0.9722 - 0.975 != 0 in float32), not an effect.
+    if len(d) and abs(diff.mean) <= ROUNDING * max(np.abs(a).max(), np.abs(b).max()):
+        diff.mean = 0.0
     if result is not None:
         pvalue = float(result.pvalue)
     elif len(d) > 1:  # identical differences on every seed: zero is excluded unless all are 0
