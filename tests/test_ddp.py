@@ -28,7 +28,7 @@ from dnn_tricks.app import TrainerCLI
 
 DIGITS = CONFIGS / "digits.yaml"
 DDP_CPU = CONFIGS / "trainer" / "ddp_cpu.yaml"
-EPOCHS = 2
+EPOCHS = 5  # enough for the accuracy parity test; the other tests hold for any
 # Rendezvous variables an in-process DDP run earlier in the session leaves in os.environ; a
 # child inheriting LOCAL_RANK would take itself for a started rank and never start rank 1.
 LAUNCH_ENV = {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK", "RANK"}
@@ -167,16 +167,16 @@ def test_checkpoints_logs_and_config_are_written_once(ddp_run):
     assert (saved["devices"], saved["strategy"]) == (2, "ddp")
 
 
-@pytest.mark.slow
-def test_two_processes_reach_the_accuracy_of_one(tmp_path):
-    """Full digits fits: 2 processes (global batch 64) vs 1 (batch 32), same learning rate."""
-    workdir = tmp_path / "ddp"
-    workdir.mkdir()
-    two = max(run_ddp(workdir, "--test_after_fit=false", timeout=900)[0]["val_acc"])
-    cli = one_process_cli(tmp_path / "one")
+def test_two_processes_reach_the_accuracy_of_one(ddp_run, tmp_path):
+    """The same EPOCHS on 2 processes (global batch 64, half the steps) and on 1 (batch 32),
+    same learning rate: the best validation accuracy agrees."""
+    _, (rank0, _) = ddp_run
+    two = max(rank0["val_acc"])
+    cli = one_process_cli(tmp_path / "one", f"--trainer.max_epochs={EPOCHS}")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     one = float(cli.trainer.checkpoint_callback.best_model_score)
-    # 216 validation images: one image is 0.46%; seeds move the best accuracy by ~1%.
+    # 216 validation images: one image is 0.46%; seeds move the best accuracy by ~1%
+    # (measured: 0.9815 one process, 0.9769 two, at 5 epochs).
     assert abs(two - one) <= 0.02, (one, two)
 
 
