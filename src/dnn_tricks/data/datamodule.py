@@ -16,7 +16,9 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from dnn_tricks.data.batch_augment import BatchAugmentConfig
 from dnn_tricks.data.datasets import ArrayDataset, EpochShuffleSampler, collate_batch, take_rows
+from dnn_tricks.data.resident import ResidentStore, check_resident_source
 from dnn_tricks.data.sources import Source, SourceData, load_source, source_label
 
 Split = Literal["train", "val", "test"]
@@ -84,6 +86,11 @@ class DataModule(LightningDataModule):
             folder of images (recursive), a .npz / .npy of inputs or a CSV of features.
         fit_samples: fit the model's input normalization (and other data-fitted layers)
             on a seeded random sample of this many train inputs; null uses all of them.
+        device_resident: hold every split on the accelerator (images as uint8) and serve
+            batches by indexing there: no loader workers, no collate, no copy per batch
+            (``dnn_tricks.data.resident``); needs arrays in memory, not ``augment``.
+        batch_augment: with ``device_resident``, augment train batches on the device, per
+            image (flip, translate, cutout: ``dnn_tricks.data.batch_augment``); null for none.
     """
 
     def __init__(
@@ -107,6 +114,8 @@ class DataModule(LightningDataModule):
         predict_split: Split = "test",
         predict_path: str | None = None,
         fit_samples: int | None = None,
+        device_resident: bool = False,
+        batch_augment: BatchAugmentConfig | None = None,
     ) -> None:
         super().__init__()
         if normalize is not None:
@@ -127,6 +136,18 @@ class DataModule(LightningDataModule):
         if fit_samples is not None and fit_samples < 1:
             raise ValueError(f"data.fit_samples={fit_samples} must be positive (or null: all)")
         self.fit_samples = fit_samples
+        if batch_augment is not None and not device_resident:
+            raise ValueError(
+                "data.batch_augment acts on device-resident batches: set "
+                "data.device_resident: true (or use data.augment, per image)"
+            )
+        if augment is not None and device_resident:
+            raise ValueError(
+                "data.augment (albumentations, per image on the CPU) does not run "
+                "on device-resident batches: use data.batch_augment instead"
+            )
+        self.device_resident, self.batch_augment = device_resident, batch_augment
+        self._resident = ResidentStore()
         self._data: SourceData | None = None
         self._splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # Parsed now so a bad pipeline fails before any work; the seeded Augment is made in
@@ -250,6 +271,13 @@ class DataModule(LightningDataModule):
 
             self._augment = Augment(self._pipeline)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where a device-resident train epoch stands (empty on the loader path)."""
+        return self._resident.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resident.load_state_dict(state_dict)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
         return self.to_float(x), y
@@ -263,6 +291,12 @@ class DataModule(LightningDataModule):
 
     def _loader(self, name: Split, train: bool) -> DataLoader:
         x, y = self.split(name)
+        if self.device_resident:  # an iterable of device batches, stateful (exact resume)
+            check_resident_source(x, source_label(self.source))
+            batch = self.batch_size if train else self.eval_batch_size
+            return self._resident.batches(  # type: ignore[return-value]
+                name, (x, y), batch, train, _training_seed(), self.trainer, self.batch_augment
+            )
         workers = self._workers(x)
         pin = torch.cuda.is_available() if self.pin_memory == "auto" else self.pin_memory
         init_fn = None
