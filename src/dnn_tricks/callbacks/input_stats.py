@@ -165,6 +165,14 @@ class InputStatsCheck(Callback):
         self.problems: list[str] = []
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # This hook runs after a resume restored the RNG state: a check that drew random
+        # numbers (a DataLoader's base seed, the refits) would shift the dropout masks and
+        # a resumed run would no longer end like the uninterrupted one.
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self._check(trainer, pl_module)
+
+    def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
         needed = ("split", "raw_batches", "to_float")
         if dm is None or not all(hasattr(dm, name) for name in needed):
@@ -205,10 +213,7 @@ class InputStatsCheck(Callback):
             return pl_module.input_norm(batch_inputs(to_model(pl_module, batch)))
 
     def _val_problems(self, dm: Any, pl_module: LightningModule) -> list[str]:
-        # A DataLoader iterator draws its base seed from the global RNG; a check must not
-        # shift the random numbers training uses (exact resume depends on it).
-        with torch.random.fork_rng(devices=[]):
-            raw = next(iter(dm.val_dataloader()), None)
+        raw = next(iter(dm.val_dataloader()), None)  # draws from the RNG: see on_train_start
         if raw is None:
             return []
         raw_x = batch_inputs(raw).clone()  # the transfer hook may work in place
