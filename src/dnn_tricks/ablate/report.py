@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from dnn_tricks.ablate.config import AblateConfig
 from dnn_tricks.ablate.runs import PENDING, run_key, trials_by_run
 from dnn_tricks.ablate.stats import CONFIDENCE, POWER, Interval, Paired, mean_interval, paired
+from dnn_tricks.search.config import cli_value
 
 WALL = "time/fit_s"
 
@@ -118,7 +119,7 @@ def _num(x: float) -> str:
 
 
 def _signed(x: float) -> str:
-    return "nan" if not math.isfinite(x) else f"{x:+.4g}"
+    return "nan" if not math.isfinite(x) else "0" if x == 0 else f"{x:+.4g}"
 
 
 def _ci(i: Interval) -> str:
@@ -193,7 +194,7 @@ def summary_text(config: AblateConfig, runs: list[Run], tables: list[MetricTable
         "|---|---|",
     ]
     for v in config.variants:
-        shown = ", ".join(f"`{k}={val}`" for k, val in v.overrides.items()) or "(base config)"
+        shown = ", ".join(f"`{k}={cli_value(x)}`" for k, x in v.overrides.items()) or "(base)"
         lines.append(f"| {v.name} | {shown} |")
     lines += [
         "",
