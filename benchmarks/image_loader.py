@@ -9,8 +9,9 @@ every file in the page cache first. The streaming row reads chunks that ``traine
 prepare-data`` wrote at the evaluation size (decoding and resizing were paid once, there).
 
 Memory: one epoch of our train loader over folders of 5k and 50k small JPEGs, each in a
-fresh process; peak proportional set size (PSS, shared pages split between processes) of
-the loader process and its workers, sampled every 50 ms, and the main process's peak RSS.
+fresh process; peak proportional set size (PSS: a page shared by n processes counts 1/n)
+of the anonymous and shared memory of the loader process and its workers, sampled every
+50 ms, for indexing and for the epoch; and the main process's peak RSS.
 
 The machine may be shared: the load average is printed before and after.
 
@@ -169,13 +170,16 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def _pss_kib(pid: int) -> int:
+    """The process's own memory: its anonymous and shared-memory pages (batches travel
+    from workers in shared memory), each split among the processes sharing it. File pages
+    (torch's libraries) are left out: their PSS depends on how many OTHER processes on a
+    shared machine map the same libraries."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
     except OSError:
-        pass
-    return 0
+        return 0
+    fields = dict(line.split(":", 1) for line in rollup[1:])
+    return sum(int(fields.get(k, "0 kB").split()[0]) for k in ("Pss_Anon", "Pss_Shmem"))
 
 
 def _tree(pid: int) -> list[int]:
@@ -191,64 +195,74 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def rss_child(root: Path, args: argparse.Namespace) -> None:
-    """Run in a fresh process: one epoch of our loader; print the peaks as JSON."""
-    peak = {"pss_kib": 0}
-    stop = threading.Event()
+class _PeakPss:
+    """Peak over time of the summed PSS of this process and its descendants (sampled)."""
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak["pss_kib"] = max(peak["pss_kib"], sum(_pss_kib(p) for p in _tree(os.getpid())))
+    def __init__(self) -> None:
+        self.peak_kib, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = sum(_pss_kib(p) for p in _tree(os.getpid()))
+            self.peak_kib = max(self.peak_kib, total)
             time.sleep(0.05)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    def __enter__(self) -> _PeakPss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def rss_child(root: Path, args: argparse.Namespace) -> None:
+    """Run in a fresh process: index the folder, then one epoch of our loader; print the
+    peaks of each phase as JSON."""
     start = time.perf_counter()
-    data, loader, normalize = ours(root, args)
+    with _PeakPss() as indexing:
+        data, loader, normalize = ours(root, args)
     indexed = time.perf_counter() - start
     images = 0
-    for x, _ in loader:
-        normalize(x)
-        images += len(x)
-    stop.set()
-    thread.join()
+    with _PeakPss() as epoch:
+        for x, _ in loader:
+            normalize(x)
+            images += len(x)
     hwm = next(
         int(line.split()[1])
         for line in Path("/proc/self/status").read_text().splitlines()
         if line.startswith("VmHWM:")
     )
-    print(json.dumps({**peak, "main_hwm_kib": hwm, "images": images, "index_s": indexed}))
+    result = {"index_pss_kib": indexing.peak_kib, "epoch_pss_kib": epoch.peak_kib}
+    print(json.dumps({**result, "main_hwm_kib": hwm, "images": images, "index_s": indexed}))
 
 
 def memory(args: argparse.Namespace) -> None:
     results = {}
     for count in args.rss_sizes:
         root = write_jpegs(args.dir / f"rss{count}", count, 24, 64)
-        command = [
-            sys.executable,
-            __file__,
-            "--rss-child",
-            str(root),
-            "--workers",
-            str(args.workers),
-        ]
-        command += ["--size", "32", "--batch", str(args.batch)]
+        command = [sys.executable, __file__, "--rss-child", str(root)]
+        command += ["--workers", str(args.workers), "--size", "32", "--batch", str(args.batch)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[count] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"our image_folder, one epoch, {args.workers} workers, batch {args.batch}, 32x32:")
-    print("| images | peak PSS, loader + workers | peak RSS, main process | indexing |")
-    print("|---|---|---|---|")
+    print(
+        f"our image_folder: index the folder, then one epoch; {args.workers} workers, "
+        f"batch {args.batch}, 32x32; anonymous + shared-memory PSS summed over the process "
+        "and its workers"
+    )
+    print("| images | peak PSS, indexing | peak PSS, epoch | peak RSS, main process | indexing |")
+    print("|---|---|---|---|---|")
     for count, r in results.items():
         print(
-            f"| {count} | {r['pss_kib'] / 1024:.0f} MiB | {r['main_hwm_kib'] / 1024:.0f} MiB "
+            f"| {count} | {r['index_pss_kib'] / 1024:.0f} MiB "
+            f"| {r['epoch_pss_kib'] / 1024:.0f} MiB | {r['main_hwm_kib'] / 1024:.0f} MiB "
             f"| {r['index_s']:.1f} s |"
         )
     small, large = (results[c] for c in (min(results), max(results)))
-    pss, hwm = (large[k] / small[k] for k in ("pss_kib", "main_hwm_kib"))
-    print(
-        f"ratio {max(results)} / {min(results)} images: PSS {pss:.3f}, main RSS {hwm:.3f} "
-        "(target <= 1.10)"
-    )
+    keys = ("index_pss_kib", "epoch_pss_kib", "main_hwm_kib")
+    ratios = ", ".join(f"{k.rsplit('_', 1)[0]} {large[k] / small[k]:.3f}" for k in keys)
+    print(f"ratio {max(results)} / {min(results)} images: {ratios} (target <= 1.10)")
 
 
 def main() -> None:

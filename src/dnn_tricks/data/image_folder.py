@@ -9,10 +9,11 @@ file is found before training, not hours into it; pixels are decoded only by the
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,19 @@ def check_file(path: str) -> tuple[str, tuple[int, int]] | str:
     return mode, size
 
 
+def _check_all(paths: list[str]) -> list:
+    """check_file on every path, in worker processes: parallel past the GIL, and the heap
+    they churn dies with them instead of staying in this process (and in every loader
+    worker forked from it later)."""
+    if len(paths) < 256:
+        return [check_file(p) for p in paths]
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if fork else None)
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(check_file, paths, chunksize=256))
+
+
 def _class_folders(folder: Path) -> list[str]:
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if not classes:
@@ -94,8 +108,7 @@ class _Index:
                 f"data.root={str(folder)!r}: ignored {len(others)} file(s) without an image "
                 f"extension ({', '.join(IMAGE_EXTENSIONS)}): {', '.join(sorted(others))}"
             )
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            checks = list(pool.map(check_file, (str(folder / p) for p in paths), chunksize=64))
+        checks = _check_all([str(folder / p) for p in paths])
         bad = [(p, c) for p, c in zip(paths, checks, strict=True) if isinstance(c, str)]
         if bad and bad_files == "error":
             path, reason = bad[0]
