@@ -4,6 +4,7 @@ the loaders; unreadable files are named or skipped with a log; bad layouts get o
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -199,6 +200,20 @@ def test_a_file_broken_after_indexing_is_named_across_worker_processes(tmp_path)
     with pytest.warns(UserWarning, match="skipped .*dog/2.png"):
         x, y = ArrayDataset(skipping, data.y).__getitems__(range(8))
     assert len(x) == len(y) == 7 and y.tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_large_folders_are_checked_in_worker_processes_with_the_same_verdicts(tmp_path):
+    from dnn_tricks.data.image_folder import _check_all, check_file
+
+    paths = []
+    for i in range(300):  # above the size at which the checks go to a process pool
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(_rgb(4 + i % 5, 6)).save(path)
+        paths.append(str(path))
+    Path(paths[123]).write_bytes(b"broken")
+    pooled = _check_all(paths)
+    assert pooled == [check_file(p) for p in paths]
+    assert isinstance(pooled[123], str) and pooled[7] == ("RGB", (6, 6))
 
 
 # ---------------------------------------------------------------- splits and fitting
