@@ -407,3 +407,28 @@ def test_the_patch_whitening_stem_is_fitted_on_train_data_and_kept_on_resume(run
     assert torch.equal(resumed["state_dict"][key], state[key])
     trained = next(k for k in state if k.startswith("net.") and state[k].ndim >= 2 and k != key)
     assert not torch.equal(resumed["state_dict"][trained], state[trained])  # training went on
+
+
+# ---------------------------------------------------------------- compile, channels_last
+
+
+def test_compile_and_channels_last_train_the_first_step_like_eager():
+    """The first step of a real fit: the same loss within 1e-5 on CPU (network and batch
+    shape are those tests/test_tricks_library.py compiles, so inductor's cache serves both)."""
+    digits = DataModule(source="digits", batch_size=16, num_workers=0)
+    losses = []
+    for fast in (False, True):
+        seed_everything(0, verbose=False)
+        model = Classifier(
+            net=functools.partial(ConvNet, channels=[4], convs_per_stage=1, hidden=[8]),
+            input_norm=NormalizeConfig(kind="none"),
+            optimizer=functools.partial(SGD, lr=0.1),
+            input_shape=digits.input_shape,
+            num_classes=digits.num_classes,
+            compile=fast,
+            channels_last=fast,
+        )
+        first = FirstStep()
+        trainer(max_steps=1, limit_val_batches=0, callbacks=[first]).fit(model, datamodule=digits)
+        losses.append(first.loss)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
