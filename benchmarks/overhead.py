@@ -38,14 +38,16 @@ import re
 import statistics
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# this script passes LightningCLI its own arguments; its warning about sys.argv is noise here
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
 from lightning.pytorch.profilers import Profiler  # noqa: E402
@@ -69,7 +71,10 @@ clock = CLOCKS["wall"]  # set by --clock
 def config_callbacks(config: Path) -> tuple[list[dict], list[dict]]:
     """The config's callbacks split into Lightning's own (checkpoints, early stopping, LR
     monitor) and the project's diagnostics, which the tricks table times one by one."""
-    listed = (yaml.safe_load(config.read_text())["trainer"] or {}).get("callbacks") or []
+    with tempfile.TemporaryDirectory() as log_dir:  # as parsed: configs compose their groups
+        args = ["--config", str(config), f"--trainer.logger.init_args.save_dir={log_dir}"]
+        cli = TrainerCLI(args=args, run=False)
+    listed = [entry.as_dict() for entry in cli.config["trainer"]["callbacks"] or []]
     ours = [c for c in listed if c["class_path"].startswith("dnn_tricks.")]
     return [c for c in listed if c not in ours], ours
 
@@ -142,11 +147,11 @@ def run_trainer(
     return summarize(start, epochs.marks)
 
 
-def run_plain(args: argparse.Namespace) -> tuple[float, list[float]]:
+def run_plain(args: argparse.Namespace, *extra: str) -> tuple[float, list[float]]:
     """The same network, batches, optimizer and schedule in a loop written by hand."""
     start = clock()
     with tempfile.TemporaryDirectory() as log_dir:
-        cli = build_cli(args, log_dir)
+        cli = build_cli(args, log_dir, *extra)
     data, model = cli.datamodule, cli.model
     data.setup("fit")
     model.adapt_layers(lambda: data.raw_batches("train"))  # the fitted input normalization
@@ -295,32 +300,50 @@ ARMS = {
     "trainer fit": lambda args: run_trainer(args),
     "trainer, bare": lambda args: run_trainer(args, *BARE, callbacks=[]),
 }
+# --resident: both loops again with the splits held on the device (data.device_resident)
+RESIDENT = "--data.device_resident=true"
+RESIDENT_ARMS = {
+    "plain, resident": lambda args: run_plain(args, RESIDENT),
+    "fit, resident": lambda args: run_trainer(args, RESIDENT),
+}
 
 
 def compare_loops(args: argparse.Namespace) -> None:
-    startups: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    epochs: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    names = list(ARMS)
+    arms = {**ARMS, **(RESIDENT_ARMS if args.resident else {})}
+    startups: dict[str, list[float]] = {arm: [] for arm in arms}
+    epochs: dict[str, list[float]] = {arm: [] for arm in arms}
+    names = list(arms)
     for repeat in range(args.repeats):
-        for arm in names[repeat % 3 :] + names[: repeat % 3]:  # rotate who goes first
-            startup, times = ARMS[arm](args)
+        turn = repeat % len(names)
+        for arm in names[turn:] + names[:turn]:  # rotate who goes first
+            startup, times = arms[arm](args)
             startups[arm].append(startup)
             epochs[arm].extend(times)
     plain = statistics.median(epochs["plain loop"])
     steps = steps_per_epoch(args)
     header = f"{'startup s':>9} {'s/epoch':>8} {'min s/epoch':>11} {'x plain':>8} {'ms/step':>8}"
-    print(f"\n{'':14} {header}")
+    print(f"\n{'':16} {header}")
     for arm in names:
         seconds = statistics.median(epochs[arm])
         extra_ms = 1e3 * (seconds - plain) / steps
         print(
-            f"{arm:14} {statistics.median(startups[arm]):9.2f} {seconds:8.3f} "
+            f"{arm:16} {statistics.median(startups[arm]):9.2f} {seconds:8.3f} "
             f"{min(epochs[arm]):11.3f} {seconds / plain:8.3f} {extra_ms:+8.2f}"
         )
     ratio = statistics.median(epochs["trainer fit"]) / plain
     target = args.target or TARGETS.get(args.config.name, TARGET_RATIO)
     verdict = "meets" if ratio <= target else "misses"
     print(f"trainer fit / plain loop = {ratio:.3f}: {verdict} the target <= {target}")
+    if args.resident:
+        median = {arm: statistics.median(times) for arm, times in epochs.items()}
+        fit, res_fit, res_plain = (
+            median[a] for a in ("trainer fit", "fit, resident", "plain, resident")
+        )
+        print(
+            f"device-resident data: trainer fit takes {res_fit / fit:.3f}x the loader path's time, "
+            f"the plain loop {res_plain / plain:.3f}x; fit / plain, both resident: "
+            f"{res_fit / res_plain:.3f}"
+        )
 
 
 def compare_tricks(args: argparse.Namespace) -> None:
@@ -371,6 +394,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--profile", action="store_true", help="also a per-hook table")
     parser.add_argument("--target", type=float, help="ratio to meet (default per config)")
+    parser.add_argument("--resident", action="store_true", help="also data.device_resident")
     args = parser.parse_args()
     if min(args.epochs, args.trick_epochs) < 2:
         parser.error("--epochs and --trick-epochs must be >= 2 (the first epoch is warm-up)")

@@ -22,6 +22,7 @@ from dnn_tricks.models.backbones import NetFactory, apply_lr_scales, build_net, 
 from dnn_tricks.models.input_norm import InputNormalizer, NormalizeConfig
 from dnn_tricks.models.mixing import BatchMixing, MixConfig
 from dnn_tricks.models.step_metrics import EpochSums, NonFiniteGuard
+from dnn_tricks.models.tta import TTA, tta_logits
 from dnn_tricks.schedules import build_scheduler
 
 
@@ -66,6 +67,9 @@ class Classifier(LightningModule):
             convolutions with tensor cores under mixed precision on GPUs).
         compile: compile the network in place with ``nn.Module.compile`` (the checkpoint keeps
             the plain network's parameter names, so compiled and eager runs share checkpoints).
+        tta: test-time augmentation of images in eval mode (validate, test, predict): ``flip``
+            averages the logits of each image and its mirror, ``flip_translate`` adds the
+            pair shifted by one pixel each way (``dnn_tricks.models.tta``); ``none``.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class Classifier(LightningModule):
         val_jacobian: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        tta: TTA = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -94,6 +99,9 @@ class Classifier(LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if tta != "none" and len(input_shape) != 3:
+            raise ValueError(f"model.tta={tta} flips and shifts images; these inputs are rows")
+        self.tta = tta
         if compile:  # in place (nn.Module.compile): parameter names gain no "_orig_mod."
             self.net.compile()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -105,7 +113,9 @@ class Classifier(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
-        """Raw inputs -> logits."""
+        """Raw inputs -> logits; in eval mode with ``tta``, the mean over its views."""
+        if self.tta != "none" and not self.training:  # evaluation: mean over the views
+            return tta_logits(lambda v: self._net_forward(self.input_norm(v)), x, self.tta)
         return self._net_forward(self.input_norm(x))
 
     def _net_forward(self, z: Tensor) -> Tensor:
