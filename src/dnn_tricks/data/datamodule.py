@@ -304,10 +304,9 @@ class DataModule(LightningDataModule):
             from dnn_tricks.data.augment import worker_init_fn
 
             init_fn = worker_init_fn
-        if hasattr(x, "dataloader"):  # streaming chunks: LitData shuffles, shards and resumes
-            batch = self.batch_size if train else self.eval_batch_size
-            augment = self._augment if train else None
-            return x.dataloader(batch, train, _training_seed(), workers, augment, pin, init_fn)
+        if train and hasattr(x, "dataloader"):  # streaming: LitData shuffles, shards, resumes
+            seed = _training_seed()
+            return x.dataloader(self.batch_size, seed, workers, self._augment, pin, init_fn)
         dataset = ArrayDataset(x, y, transform=self._augment if train else None)
         # Shuffling that depends only on (seed, epoch) makes a resumed run see the same batches.
         sampler = EpochShuffleSampler(len(dataset), _training_seed()) if train else None
