@@ -168,7 +168,9 @@ def test_two_ddp_processes_see_each_sample_once_per_epoch(prepared, tmp_path):
         "--trainer.callbacks+=test_streaming.SeenIds",
         f"--trainer.callbacks.out_dir={tmp_path / 'seen'}",
     ]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )  # a hang fails the test instead of blocking CI
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / "seen" / f"rank{r}.json").read_text()) for r in (0, 1)]
     train_ids = set(reference.split("train")[0][:, 0].astype(int).tolist())
