@@ -9,10 +9,9 @@ system call): the save announces it is about to call os.fsync, and the test read
 are wide (an MLP 64-2048-2048-10 with SGD momentum: 35 MB) so that the fsync takes
 milliseconds, long enough to be caught.
 
-Each run is ``trainer fit`` (the console script's ``dnn_tricks.cli.main``) in a process of
-its own, forked from a multiprocessing forkserver that imported the application once:
-SIGKILL ends that process as it would end the command, and eight runs cost no eight imports
-of torch and Lightning.
+Each run is ``trainer fit`` in a process of its own (tests/forked_trainer.py: forked from a
+server that imported the application once, so eight runs cost no eight imports of torch);
+SIGKILL ends that process as it would end the command.
 
 The kills are chained: every run after the first resumes with ``--ckpt_path last`` from what
 the previous kill left and is itself killed at the next point; a last run then finishes.
@@ -23,7 +22,6 @@ key with the right shape; the partial files the kills leave are ignored by the n
 from __future__ import annotations
 
 import collections
-import multiprocessing
 import os
 import platform
 import signal
@@ -33,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from forked_trainer import start
 
 from conftest import CONFIGS
 
@@ -92,33 +91,6 @@ def fit_args(callbacks: Path, logs: Path, *extra: str) -> list[str]:
         "--test_after_fit=false",
         *extra,
     ]
-
-
-def trainer_main(args: list[str], workdir: str, env: dict[str, str], log: str) -> None:
-    """Body of a run's process: ``trainer <args>`` run from ``workdir``, output to ``log``."""
-    os.chdir(workdir)
-    os.environ.update(env)
-    output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(output, 1)
-    os.dup2(output, 2)
-    torch.set_num_threads(1)
-    from dnn_tricks.cli import main
-
-    main(args)
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    """A forkserver that imported the application: each run forks from it."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dnn_tricks.cli", "dnn_tricks.app"])
-    return context
-
-
-def start(launcher, args: list[str], workdir: Path, env: dict[str, str], log: Path):
-    process = launcher.Process(target=trainer_main, args=(args, str(workdir), env, str(log)))
-    process.start()
-    return process
 
 
 def expected_model_state(tmp_path: Path) -> tuple[dict[str, torch.Size], list[tuple]]:
@@ -194,14 +166,12 @@ def kill_in_fsync(marker: Path, proc, timeout: float) -> list[str]:
     pytest.fail(f"no fsync was caught within {timeout} s")
 
 
-def test_sigkill_at_every_point_of_a_save_leaves_loadable_checkpoints_and_resumes(
-    tmp_path, launcher
-):
+def test_sigkill_at_every_point_of_a_save_leaves_loadable_checkpoints_and_resumes(tmp_path):
     logs = tmp_path / "logs"
     runs = logs / "digits"
     callbacks = write_callbacks(tmp_path / "callbacks.yaml")
     expected = expected_model_state(tmp_path / "reference")
-    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "DNN_TRICKS_CACHE": str(tmp_path / "cache")}
+    env = {"DNN_TRICKS_CACHE": str(tmp_path / "cache")}
     hits = []
     for k, (phase, prefix, n) in enumerate(KILLS):
         marker = tmp_path / f"kill{k}.marker"
@@ -212,9 +182,7 @@ def test_sigkill_at_every_point_of_a_save_leaves_loadable_checkpoints_and_resume
         started = time.monotonic()
         log = tmp_path / f"run{k}.log"
         pause = f"{phase},{prefix},{n},{marker}"
-        proc = start(
-            launcher, fit_args(callbacks, logs, *resume), tmp_path, {**env, PAUSE: pause}, log
-        )
+        proc = start(fit_args(callbacks, logs, *resume), tmp_path, log, {**env, PAUSE: pause})
         try:
             if phase == "fsync":
                 fields = kill_in_fsync(marker, proc, timeout=300)
@@ -261,7 +229,7 @@ def test_sigkill_at_every_point_of_a_save_leaves_loadable_checkpoints_and_resume
     partials = sorted(logs.rglob("*.partial"))
     assert len(partials) == sum(phase != "renamed" for phase, _, _ in KILLS)
     log = tmp_path / "final.log"
-    proc = start(launcher, fit_args(callbacks, logs, "--ckpt_path=last"), tmp_path, env, log)
+    proc = start(fit_args(callbacks, logs, "--ckpt_path=last"), tmp_path, log, env)
     proc.join(timeout=300)
     if proc.exitcode is None:
         proc.kill()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from xml.etree import ElementTree
 
+import forked_trainer
 import numpy as np
 import pytest
 import torch
@@ -22,14 +23,14 @@ QUIET = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--test_after_fit=false",
+    # short epochs: these tests are about folders, kills and resumes, not accuracy
+    "--trainer.limit_train_batches=12",
+    "--trainer.limit_val_batches=3",
 ]
 
 
-def _fit_command(save_dir: Path, epochs: int, *extra: str) -> list[str]:
+def _fit_args(save_dir: Path, epochs: int, *extra: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "dnn_tricks.cli",
         "fit",
         "--config",
         str(DIGITS),
@@ -52,19 +53,13 @@ def _assert_bitwise_equal(a: dict, b: dict) -> None:
 
 def test_same_second_runs_get_distinct_folders_and_identical_results(tmp_path):
     logs = tmp_path / "logs"
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
     procs = [
-        subprocess.Popen(
-            _fit_command(logs, 3),
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(2)
+        forked_trainer.start(_fit_args(logs, 3), tmp_path, tmp_path / f"run{i}.log")
+        for i in range(2)
     ]
-    for proc in procs:
-        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    for i, proc in enumerate(procs):
+        proc.join(300)
+        assert proc.exitcode == 0, (tmp_path / f"run{i}.log").read_text()[-2000:]
     runs = sorted((logs / "digits").iterdir())
     assert [r.name for r in runs] == ["version_0", "version_1"]
     first, second = (_weights(r / "checkpoints" / "last.ckpt") for r in runs)
@@ -75,42 +70,25 @@ def test_same_second_runs_get_distinct_folders_and_identical_results(tmp_path):
 def test_kill_9_then_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
     """With every check and view (configs/callbacks/full.yaml): none may draw from the
     random generators a resumed run restores, or the dropout masks would shift."""
-    epochs = 5
+    epochs = 4
     full = f"--trainer.callbacks={CONFIGS / 'callbacks' / 'full.yaml'}"
     straight = tmp_path / "straight"
-    subprocess.run(
-        _fit_command(straight, epochs, full),
-        cwd=tmp_path,
-        check=True,
-        timeout=300,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    forked_trainer.run(_fit_args(straight, epochs, full), tmp_path, tmp_path / "a.log", 300)
     killed = tmp_path / "killed"
     last = killed / "digits" / "version_0" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(
-        _fit_command(killed, epochs, full),
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = forked_trainer.start(_fit_args(killed, epochs, full), tmp_path, tmp_path / "b.log")
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.exitcode is None:
         if last.exists() and read_checkpoint(last)["epoch"] >= 1:
-            proc.send_signal(signal.SIGKILL)
+            os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL, "the run finished before it could be killed"
     interrupted_at = read_checkpoint(last)["epoch"]
     assert interrupted_at < epochs - 1
-    subprocess.run(
-        _fit_command(killed, epochs, full, "--ckpt_path=last"),
-        cwd=tmp_path,
-        check=True,
-        timeout=300,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    resume = _fit_args(killed, epochs, full, "--ckpt_path=last")
+    forked_trainer.run(resume, tmp_path, tmp_path / "c.log", 300)
     resumed = killed / "digits" / "version_1" / "checkpoints" / "last.ckpt"
     assert read_checkpoint(resumed)["epoch"] == epochs - 1
     _assert_bitwise_equal(
