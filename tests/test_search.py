@@ -144,8 +144,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_resume_outputs_and_best_config_fits(tmp_path: Path, run_cli) -> None:
-    base = tmp_path / "base.yaml"
-    base.write_text((CONFIGS / "digits.yaml").read_text())
+    base = tmp_path / "experiment.yaml"  # an overlay of the digits config, changed below
+    base.write_text(f"config: {CONFIGS / 'digits.yaml'}\ndata.batch_size: 32\n")
     search = write_search(tmp_path, 2, SMALL_SPACE, test_best=True, base=[str(base)])
     folder = tmp_path / "search" / "tiny"
     run_cli(["search", "--config", search])
