@@ -130,7 +130,8 @@ def test_resnet_rejects_depths_that_are_not_6n_plus_2():
 
 
 def test_patch_whitening_stem_feeds_the_conv_stem():
-    patch_whiten = pytest.importorskip("dnn_tricks.models.patch_whiten")
+    from dnn_tricks.models import patch_whiten
+
     model = _small_resnet(stem="patch_whiten", patch_size=2)
     assert isinstance(model.features.whiten, patch_whiten.PatchWhitening)
     assert model.features.stem.conv.in_channels == model.features.whiten.out_channels

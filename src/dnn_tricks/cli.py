@@ -9,6 +9,8 @@ import sys
 
 from jsonargparse import ArgumentError
 
+from dnn_tricks.redact import redact
+
 USER_ERRORS = (ArgumentError, ValueError, TypeError, FileNotFoundError, FloatingPointError)
 # What torch.distributed (gloo) raises in the processes of a DDP run whose peer died; that
 # peer prints its own error, so the others say one line instead of a collective's traceback.
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         hint = "; see `trainer fit --help`" if isinstance(error, ArgumentError) else ""
         # one write, newline included: the ranks of a DDP run print at once, and a separate
         # write of the newline let their lines interleave
-        sys.stderr.write(f"error: {_one_line(error)}{hint}  (--debug shows the traceback)\n")
+        line = redact(_one_line(error))  # a storage URL in the message loses its password
+        sys.stderr.write(f"error: {line}{hint}  (--debug shows the traceback)\n")
         raise SystemExit(2) from None
     except RuntimeError as error:
         if debug or not any(text in str(error) for text in PEER_STOPPED):

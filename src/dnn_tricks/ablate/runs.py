@@ -17,6 +17,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from dnn_tricks.ablate.config import LABEL, AblateConfig, variant_fingerprints
+from dnn_tricks.redact import redact
 from dnn_tricks.search.fit import MetricMissing, fit, quiet, run_args
 from dnn_tricks.search.storage import open_storage, worker_id
 
@@ -100,7 +101,8 @@ class _Objective:
         try:
             result = fit(self.config.training_args(variant, seed) + extra, test=self.test)
         except Exception as error:
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}".splitlines()[0][:500])
+            note = redact(f"{type(error).__name__}: {error}".splitlines()[0])[:500]
+            trial.set_user_attr("error", note)  # -> the trials table: no storage password
             raise
         logger = result.trainer.logger
         trial.set_user_attr("log_dir", str(getattr(logger, "log_dir", "") or ""))

@@ -17,6 +17,7 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial
 
+from dnn_tricks.redact import redact
 from dnn_tricks.search.config import SearchConfig, sample_point, suggest
 from dnn_tricks.search.fit import (
     MetricMissing,
@@ -141,7 +142,8 @@ class _Objective:
             self.study.stop()
             raise
         except Exception as error:
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}".splitlines()[0][:500])
+            note = redact(f"{type(error).__name__}: {error}".splitlines()[0])[:500]
+            trial.set_user_attr("error", note)  # -> the trials table: no storage password
             raise
 
     def announce(self, study: optuna.Study, trial: FrozenTrial) -> None:
