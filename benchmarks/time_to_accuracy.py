@@ -1,38 +1,43 @@
-"""Wall time for `trainer fit --config configs/fashion_mnist.yaml` to reach 93% test accuracy
-and, on a CUDA GPU, training throughput of the CIFAR-10 ResNet config with bf16 and
-channels_last against a plain PyTorch loop on the same card.
+"""Time to accuracy of a config (the speedruns under configs/speedrun/), against a plain
+PyTorch loop run in the same invocation; on a CUDA GPU, also training throughput of the
+CIFAR-10 ResNet config against a plain loop on the same card.
 
-1. Time to accuracy: the config trains as `trainer fit` builds it. After every epoch a
-   callback stops the clock, measures accuracy on the whole test split (10,000 images, model
-   in eval mode), and restarts it; the clock starts before the CLI parses the config, so it
-   includes loading, splitting and the normalizer fit. The run stops at the target unless
-   --full. The project's plain-loop reference on this 2-core CPU (REFERENCES.md): 93.0%
-   after 10 epochs, 241 s.
-2. GPU throughput (only with CUDA and configs/cifar10_resnet.yaml): the ResNet config composed
-   with configs/trainer/gpu.yaml (bf16-mixed, channels_last) on CIFAR-shaped random images
-   (images/s does not depend on pixel values; no download), against a hand-written loop
-   with the same network, loader, autocast and memory format. Steps between the warm-up and
-   the end are timed with the GPU synchronized.
+1. Per seed, `trainer fit --config C --seed_everything S` runs in a subprocess. The clock
+   starts just before the subprocess does, so the interpreter, imports, data loading, the
+   split and the fitted layers all count. After every training epoch (at the start of its
+   validation, where an EMA callback has swapped in the averaged weights) a callback stops
+   the clock, measures accuracy on the whole test split with the model as validation sees
+   it (TTA included), and restarts the clock. The fit stops at --target unless --full. The
+   median over seeds of the time to target is the result.
+2. The plain-loop reference: a subprocess trains the same config's model, data, optimizer,
+   schedule and EMA (torch's AveragedModel) with the LightningModule's own training_step but
+   no Trainer, for as many epochs as the median seed needed, then measures the test split
+   once. Its wall time, also from its start, gives the ratio: what the Trainer costs.
+3. GPU throughput (only with CUDA): configs/cifar10_resnet.yaml with configs/trainer/gpu.yaml
+   (bf16-mixed, channels_last) on CIFAR-shaped random images (images/s does not depend on
+   pixel values; no download), against a hand-written loop with the same network, batches,
+   autocast and memory format.
 
-    .venv/bin/python benchmarks/time_to_accuracy.py [--config configs/fashion_mnist.yaml]
-        [--target 0.93] [--threads 1] [--full] [--skip-fit] [--gpu-steps 200]
+    .venv/bin/python benchmarks/time_to_accuracy.py
+        [--config configs/speedrun/fashion_mnist_5min.yaml] [--target 0.935]
+        [--seeds 0 1 2] [--full] [--skip-plain] [--skip-fit] [--gpu-steps 200]
 
-Measured on the shared 2-core dev machine (load average ~6 from other jobs, 1 thread, which
-is 2-4x faster than 2 threads under that load): 10 epochs in 588 s, test accuracy 0.874,
-0.890, 0.901, 0.906, 0.918, 0.915, 0.921, 0.923, 0.928, 0.929 -- 93% not reached (the
-config before its diagnostic callbacks were added; PreciseBN alone adds 200 batches/epoch).
+Wall times depend on what else runs on the machine: the script prints the load average
+before and after; compare runs at a load below the core count.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-START = time.perf_counter()
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
@@ -40,85 +45,211 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
-from dnn_tricks import regularize  # noqa: E402
-from dnn_tricks.app import TrainerCLI  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-FASHION = ROOT / "configs" / "fashion_mnist.yaml"
+HERE = Path(__file__).resolve().parent
+SPEEDRUN = ROOT / "configs" / "speedrun" / "fashion_mnist_5min.yaml"
 CIFAR_RESNET = ROOT / "configs" / "cifar10_resnet.yaml"
 GPU_PRESET = ROOT / "configs" / "trainer" / "gpu.yaml"
+START_ENV = "DNN_TRICKS_CLOCK_START"  # time.monotonic() of the parent when it started us
 
-# ----------------------------------------------------------------------------- time to accuracy
+# ----------------------------------------------------------------------------- shared
 
 
-class TestAccuracyClock(Callback):
-    """After each training epoch: test accuracy, and the wall time so far without the time
-    spent measuring it. Stops the fit at ``target`` unless ``full``."""
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, data) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on the whole test split of ``data``."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    device = next(model.parameters()).device
+    for x, y in data.test_dataloader():
+        x, y = data.to_float(x.to(device)), y.to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / total
 
-    def __init__(self, start: float, target: float, full: bool) -> None:
-        self.start, self.target, self.full = start, target, full
-        self.paused = 0.0
-        self.rows: list[tuple[int, float, float, float]] = []
 
-    @torch.no_grad()
-    def test_accuracy(self, trainer, pl_module) -> float:
-        data = trainer.datamodule
-        was_training = pl_module.training
-        pl_module.eval()
-        correct = total = 0
-        for x, y in data.test_dataloader():
-            x, y = x.to(pl_module.device), y.to(pl_module.device)
-            correct += int((pl_module(data.prepare_inputs(x)).argmax(1) == y).sum())
-            total += len(y)
-        pl_module.train(was_training)
-        return correct / total
+def elapsed() -> float:
+    """Seconds since the parent started this process (system-wide monotonic clock)."""
+    return time.monotonic() - float(os.environ[START_ENV])
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pause = time.perf_counter()
-        wall = pause - self.start - self.paused
-        accuracy = self.test_accuracy(trainer, pl_module)
-        val = float(trainer.callback_metrics.get("val/acc", float("nan")))
-        self.rows.append((trainer.current_epoch + 1, wall, val, accuracy))
-        epoch = trainer.current_epoch + 1
-        print(f"epoch {epoch:3d}  {wall:7.1f} s  val {val:.4f}  test {accuracy:.4f}")
+
+def _quiet_args(log_dir: str) -> list[str]:
+    return [
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={log_dir}",
+    ]
+
+
+# ----------------------------------------------------------------------------- trainer fit
+
+
+class TestClock(Callback):
+    """In the fit's process: after each training epoch, test accuracy and the time since
+    the command started without the time spent measuring, one JSON line per epoch.
+
+    Args:
+        out: file the lines are appended to.
+        target: stop the fit once the test accuracy reaches it.
+        full: train every epoch of the config regardless.
+    """
+
+    def __init__(self, out: str, target: float, full: bool = False) -> None:
+        self.out, self.target, self.full, self.paused = Path(out), target, full, 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        pause = time.monotonic()
+        seconds = elapsed() - self.paused
+        accuracy = test_accuracy(pl_module, trainer.datamodule)
+        row = {"epoch": trainer.current_epoch + 1, "seconds": seconds, "test_acc": accuracy}
+        with self.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         if accuracy >= self.target and not self.full:
             trainer.should_stop = True
-        self.paused += time.perf_counter() - pause
+        self.paused += time.monotonic() - pause
+
+
+def fit_seed(
+    config: Path, seed: int, target: float, full: bool, overrides: list[str]
+) -> list[dict]:
+    """One `trainer fit` in a subprocess; its per-epoch rows."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "clock.jsonl"
+        command = [
+            sys.executable,
+            "-m",
+            "dnn_tricks.cli",
+            "fit",
+            "--config",
+            str(config),
+            f"--seed_everything={seed}",
+            "--test_after_fit=false",
+            *_quiet_args(folder),
+            "--trainer.callbacks+=time_to_accuracy.TestClock",
+            f"--trainer.callbacks.out={out}",
+            f"--trainer.callbacks.target={target}",
+            f"--trainer.callbacks.full={full}",
+            *overrides,
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        }
+        env[START_ENV] = str(time.monotonic())
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"trainer fit failed (seed {seed}):\n{done.stderr[-3000:]}")
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- plain loop
+
+
+def plain_child(config: Path, seed: int, epochs: int, overrides: list[str]) -> None:
+    """The plain loop, in its own process (``--plain-child``): prints one JSON line."""
+    from lightning.pytorch import seed_everything
+    from torch.optim.swa_utils import AveragedModel
+
+    from dnn_tricks.app import TrainerCLI
+    from dnn_tricks.callbacks.averaging import EMA, ema_keeping_integers
+    from dnn_tricks.models.backbones import apply_lr_scales, optimizer_groups
+    from dnn_tricks.schedules import build_scheduler
+
+    with tempfile.TemporaryDirectory() as folder:
+        args = ["--config", str(config), f"--seed_everything={seed}", *_quiet_args(folder)]
+        args += overrides
+        cli = TrainerCLI(args=args, run=False)
+    seed_everything(seed)
+    data, model = cli.datamodule, cli.model
+    data.setup("fit")
+    model.adapt_layers(lambda: data.raw_batches("train"))
+    hp = model.hparams
+    optimizer = model.optimizer_factory(optimizer_groups(model.net, hp.decay_norm_and_bias))
+    apply_lr_scales(optimizer)
+    train = data.train_dataloader()
+    per_step = hp.scheduler_interval == "step"
+    schedule = None
+    if model.scheduler_factory is not None:
+        total = epochs * len(train) if per_step else epochs
+        schedule = build_scheduler(model.scheduler_factory, optimizer, total)
+    average = None
+    for entry in cli.config["trainer"]["callbacks"] or []:  # the config's EMA, if any
+        if entry.class_path.endswith(EMA.__name__):
+            decay = entry.as_dict().get("init_args", {}).get("decay", 0.999)
+            # BatchNorm statistics averaged too, as the EMA callback does by default
+            average = AveragedModel(
+                model, multi_avg_fn=ema_keeping_integers(decay), use_buffers=True
+            )
+    model.train()
+    for epoch in range(epochs):
+        train.sampler.set_epoch(epoch)
+        for index, (x, y) in enumerate(train):
+            loss = model.training_step((data.to_float(x), y), index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None and per_step:
+                schedule.step()
+            if average is not None:
+                average.update_parameters(model)
+        if schedule is not None and not per_step:
+            schedule.step()
+    final = average.module if average is not None else model
+    seconds = elapsed()
+    print(json.dumps({"seconds": seconds, "test_acc": test_accuracy(final, data)}))
+
+
+def plain_seed(config: Path, seed: int, epochs: int, overrides: list[str]) -> dict:
+    command = [sys.executable, __file__, "--plain-child", "--config", str(config)]
+    command += ["--seeds", str(seed), "--plain-epochs", str(epochs)]
+    command += [f"--set={o}" for o in overrides]
+    env = {**os.environ, START_ENV: str(time.monotonic())}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the plain loop failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- report
 
 
 def time_to_accuracy(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    load = os.getloadavg()[0]
     print(
-        f"{args.config.name} to {args.target:.0%} test accuracy: {threads} thread(s), "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"{args.config.name} to {args.target:.1%} test accuracy, seeds {args.seeds}: "
+        f"load average {load:.1f} on {os.cpu_count()} cores"
     )
-    fit_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as log_dir:
-        cli = TrainerCLI(
-            args=[
-                "--config",
-                str(args.config),
-                "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false",
-                f"--trainer.logger.init_args.save_dir={log_dir}",
-            ],
-            run=False,
-        )
-        clock = TestAccuracyClock(fit_start, args.target, args.full)
-        cli.trainer.callbacks.append(clock)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    reached = [row for row in clock.rows if row[3] >= args.target]
-    print(f"imports before the clock started: {fit_start - START:.1f} s")
-    if reached:
-        epoch, wall, _, accuracy = reached[0]
+    reached, epochs_needed = [], []
+    for seed in args.seeds:
+        rows = fit_seed(args.config, seed, args.target, args.full, args.set)
+        for row in rows:
+            print(
+                f"  seed {seed} epoch {row['epoch']:3d} {row['seconds']:7.1f} s  "
+                f"test {row['test_acc']:.4f}"
+            )
+        hit = next((r for r in rows if r["test_acc"] >= args.target), None)
+        reached.append(hit["seconds"] if hit else float("inf"))
+        epochs_needed.append(hit["epoch"] if hit else rows[-1]["epoch"])
+        best = max(r["test_acc"] for r in rows)
         print(
-            f"reached {accuracy:.4f} >= {args.target} after epoch {epoch}: {wall:.1f} s "
-            f"({wall / 60:.1f} min; target under 5 min; plain-loop reference 241 s)"
+            f"seed {seed}: "
+            + (f"{hit['test_acc']:.4f} after {hit['seconds']:.1f} s" if hit else "not reached")
+            + f" (best {best:.4f}, {rows[-1]['seconds']:.1f} s for {rows[-1]['epoch']} epochs)"
         )
-    else:
-        best = max(row[3] for row in clock.rows)
-        print(f"did not reach {args.target}: best test accuracy {best:.4f}")
+    median = statistics.median(reached)
+    epochs = int(statistics.median(epochs_needed))
+    print(f"median time to {args.target:.1%}: {median:.1f} s ({median / 60:.2f} min)")
+    if not args.skip_plain:
+        plain = plain_seed(args.config, args.seeds[0], epochs, args.set)
+        print(
+            f"plain loop, {epochs} epochs: {plain['seconds']:.1f} s, test {plain['test_acc']:.4f}"
+            f"; trainer fit / plain loop = {median / plain['seconds']:.3f}"
+        )
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 # ----------------------------------------------------------------------------- GPU throughput
@@ -132,7 +263,9 @@ def synthetic_cifar(path: Path, n: int = 20000) -> None:
     np.savez(path, x=x, y=y, x_test=x[:1000], y_test=y[:1000])
 
 
-def resnet_cli(npz: Path, log_dir: str, steps: int) -> TrainerCLI:
+def resnet_cli(npz: Path, log_dir: str, steps: int):
+    from dnn_tricks.app import TrainerCLI
+
     return TrainerCLI(
         args=[
             "--config",
@@ -146,9 +279,7 @@ def resnet_cli(npz: Path, log_dir: str, steps: int) -> TrainerCLI:
             f"--trainer.limit_train_batches={steps}",
             "--trainer.limit_val_batches=1",
             "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.logger.init_args.save_dir={log_dir}",
+            *_quiet_args(log_dir),
         ],
         run=False,
     )
@@ -183,15 +314,19 @@ def trainer_rate(npz: Path, steps: int, warmup: int) -> float:
 
 
 def plain_rate(npz: Path, steps: int, warmup: int) -> float:
-    """The same network, loader, bf16 autocast and channels_last, by hand."""
+    """The same model (input normalization + network), batches, bf16 autocast and
+    channels_last, by hand."""
+    from dnn_tricks.models.backbones import optimizer_groups
+
     with tempfile.TemporaryDirectory() as log_dir:
         cli = resnet_cli(npz, log_dir, steps)
     data, model, device = cli.datamodule, cli.model, torch.device("cuda")
     data.setup("fit")
-    net = model.net.to(device, memory_format=torch.channels_last)
+    model.to(device)
+    model.adapt_layers(lambda: data.raw_batches("train"))
     hp = model.hparams
-    optimizer = model.optimizer_factory(regularize.decay_param_groups(net, hp.decay_norm_and_bias))
-    net.train()
+    optimizer = model.optimizer_factory(optimizer_groups(model.net, hp.decay_norm_and_bias))
+    model.train()
     begin = 0.0
     for step, (x, y) in enumerate(data.train_dataloader()):
         if step == warmup:
@@ -200,9 +335,8 @@ def plain_rate(npz: Path, steps: int, warmup: int) -> float:
         if step == steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = data.prepare_inputs(x).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(net(x), y, label_smoothing=hp.label_smoothing)
+            loss = F.cross_entropy(model(data.to_float(x)), y, label_smoothing=hp.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -213,9 +347,6 @@ def plain_rate(npz: Path, steps: int, warmup: int) -> float:
 def gpu_throughput(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         print("\nGPU throughput: skipped, no CUDA GPU here (run this script on a GPU machine)")
-        return
-    if not CIFAR_RESNET.exists():
-        print(f"\nGPU throughput: skipped, {CIFAR_RESNET.relative_to(ROOT)} does not exist")
         return
     warmup = max(10, args.gpu_steps // 10)
     with tempfile.TemporaryDirectory() as folder:
@@ -235,13 +366,26 @@ def gpu_throughput(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=FASHION, help="any config with a test split")
-    parser.add_argument("--target", type=float, default=0.93)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--config", type=Path, default=SPEEDRUN, help="a config with a test split")
+    parser.add_argument("--target", type=float, default=0.935)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--full", action="store_true", help="train all epochs of the config")
+    parser.add_argument("--skip-plain", action="store_true", help="no plain-loop reference")
     parser.add_argument("--skip-fit", action="store_true", help="only the GPU throughput")
     parser.add_argument("--gpu-steps", type=int, default=200)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="--KEY=VALUE",
+        help="a config override for the fits and the plain loop, e.g. --set=--trainer.max_epochs=8",
+    )
+    parser.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--plain-epochs", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain_child:
+        plain_child(args.config, args.seeds[0], args.plain_epochs, args.set)
+        return
     if not args.skip_fit:
         if not args.config.exists():
             sys.exit(f"{args.config} does not exist")

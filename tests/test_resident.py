@@ -299,3 +299,20 @@ def test_two_ddp_processes_split_the_resident_data(tmp_path):
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == steps
     assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients all-reduced: one model
     assert ranks[0]["val_samples"] + ranks[1]["val_samples"] == val  # each sample once
+
+
+def test_deep_copies_share_the_device_data_and_an_ema_fit_runs(run_cli, tmp_path, monkeypatch):
+    """EMA's AveragedModel deep-copies the LightningModule, which reaches the trainer and its
+    batches through the CLI's optimizer factory: the copy must not fail on the running pass
+    nor duplicate the device tensors."""
+    import copy
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    data = DataModule(source="digits", batch_size=32, device_resident=True)
+    batches = data.train_dataloader()
+    running = iter(batches)
+    next(running)
+    assert copy.deepcopy(batches) is batches and copy.deepcopy(running) is running
+    assert copy.deepcopy(data)._resident is data._resident
+    ema = "--trainer.callbacks+=dnn_tricks.callbacks.averaging.EMA"
+    run_cli(["fit", "--config", DIGITS, *shrink_args(tmp_path / "logs", 2, 3), RESIDENT, ema])

@@ -77,11 +77,16 @@ class ResidentBatches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        # A generator: its body runs at the first next(), after Lightning's set_epoch (Lightning
-        # creates the first iterator before that call, and others only to probe).
-        return self._batches()
+        return _Pass(self)
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __deepcopy__(self, memo: dict) -> ResidentBatches:
+        # Shared, not copied: the device tensors are read-only. A deep copy of the trainer
+        # reaches this object (EMA's AveragedModel copies the LightningModule, whose
+        # optimizer factory refers to the CLI), and must not double the device memory.
+        return self
+
+    def _begin(self) -> tuple[Tensor, dict[str, Tensor] | None, int]:
+        """This epoch's order (this rank's share), augmentation draws and first batch."""
         if self.sampler is not None:
             epoch = self.sampler.epoch
             order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
@@ -103,16 +108,19 @@ class ResidentBatches:
             generator = epoch_generator(int(self.seed or 0), self.rank, epoch)
             drawn = self.augment.draw(len(order), generator)  # the epoch's, one copy
             params = {name: p.to(self.x.device) for name, p in drawn.items()}
-        order = order.to(self.x.device)
         self._epoch, self._served = epoch, start
-        for k in range(start, len(self)):
-            window = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            index = order[window]
-            x = self.x[index]
-            if params is not None:
-                x = self.augment(x, {name: p[window] for name, p in params.items()})
-            self._served = k + 1  # before the yield: the step that uses it completes first
-            yield x, self.y[index]
+        return order.to(self.x.device), params, start
+
+    def _batch(
+        self, order: Tensor, params: dict[str, Tensor] | None, k: int
+    ) -> tuple[Tensor, Tensor]:
+        window = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        index = order[window]
+        x = self.x[index]
+        if params is not None and self.augment is not None:
+            x = self.augment(x, {name: p[window] for name, p in params.items()})
+        self._served = k + 1  # counted when handed out: its step completes before a save
+        return x, self.y[index]
 
     def state_dict(self) -> dict[str, int]:
         """Where the epoch stands: its number and how many batches were handed out."""
@@ -121,6 +129,27 @@ class ResidentBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue that epoch with its next batch (when Lightning resumes in mid-epoch)."""
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+
+class _Pass(Iterator[tuple[Tensor, Tensor]]):
+    """One pass over a ResidentBatches. An iterator object, not a generator: a generator
+    cannot be deep-copied, and the trainer that holds it is (see __deepcopy__ above). The
+    epoch's order is drawn at the first next(), after Lightning's set_epoch: Lightning
+    creates the first iterator before that call, and others only to probe."""
+
+    def __init__(self, batches: ResidentBatches) -> None:
+        self.batches, self.order, self.params, self.k = batches, None, None, 0
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        if self.order is None:
+            self.order, self.params, self.k = self.batches._begin()
+        if self.k >= len(self.batches):
+            raise StopIteration
+        self.k += 1
+        return self.batches._batch(self.order, self.params, self.k - 1)
+
+    def __deepcopy__(self, memo: dict) -> _Pass:
+        return self
 
 
 def check_resident_source(x: Any, source: str) -> None:
@@ -150,6 +179,9 @@ class ResidentStore:
         self.splits: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
         self.train: ResidentBatches | None = None
         self.pending: dict[str, Any] | None = None
+
+    def __deepcopy__(self, memo: dict) -> ResidentStore:
+        return self  # read-only device data, shared (see ResidentBatches.__deepcopy__)
 
     # Lightning restores a stateful train loader itself, except when the model asked for
     # trainer.estimated_stepping_batches first (a per-step schedule does): the loader then
