@@ -10,11 +10,19 @@
    statistics), since the "global" batch is the local one.
 4. Speed: ms per training step (ResNet-20, CIFAR-shaped batch) for float32, bf16, bf16 +
    channels_last, and bf16 + channels_last + torch.compile (compile time reported apart).
+5. Device-resident data (data.device_resident, data.batch_augment): the batched flip /
+   translate / cutout give on the GPU exactly what they give on the CPU for the same draws;
+   a digits fit on resident data ends with the loader path's weights, bitwise; the training
+   steps of a resident fit make no synchronizing CUDA call (torch's sync debug mode counts
+   them; the model's input normalization and non-finite check included) except at log steps;
+   and a ResNet-20 fit on CIFAR-shaped resident data against the same fit through the loader
+   (images/s).
 
 Prints numbers; exits 1 if a correctness check fails, 0 otherwise, and 0 with a message
 when there is no GPU.
 
     python benchmarks/gpu_checks.py [--batch 256] [--steps 30] [--skip-compile]
+        [--only resident]   # part 5 alone; with --device cpu it checks this script on a CPU
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,16 +246,129 @@ def speed(size: int, steps: int, compile_too: bool) -> None:
         print(f"  {name:38} {ms:8.2f} ms/step {rate:10.0f} images/s {reference / ms:6.2f}x")
 
 
+# ----------------------------------------------------------------------------- 5. resident
+
+
+def _digits_cli(log_dir: str, device: str, *extra: str):
+    from dnn_tricks.app import TrainerCLI
+
+    return TrainerCLI(
+        args=[
+            "--config",
+            str(ROOT / "configs" / "digits.yaml"),
+            f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+            "--trainer.devices=1",
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={log_dir}",
+            *extra,
+        ],
+        run=False,
+    )
+
+
+class SyncCounter(Callback):
+    """torch's CUDA sync debug mode "warn" from each training batch's start to its end,
+    except at log steps (where reading a logged value syncs on purpose)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        every = trainer.log_every_n_steps
+        if not every or (trainer.global_step + 1) % every:
+            torch.cuda.set_sync_debug_mode("warn")
+            self.steps += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def resident(device: str, size: int) -> None:
+    import warnings
+
+    from dnn_tricks.data.batch_augment import BatchAugment, BatchAugmentConfig
+    from dnn_tricks.data.resident import epoch_generator
+
+    print(f"\n5. device-resident data on {device}")
+    # a. the batched augmentation is device-independent for the same draws
+    x = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8)
+    config = BatchAugmentConfig(flip=0.5, translate=4, padding="reflect", cutout=8)
+    augment = BatchAugment(config, (3, 32, 32))
+    params = augment.draw(size, epoch_generator(0, 0, 0))
+    on_cpu = augment(x, params)
+    on_device = augment(x.to(device), {k: v.to(device) for k, v in params.items()}).cpu()
+    check(torch.equal(on_cpu, on_device), f"flip + reflect translate + cutout: {device} == cpu")
+
+    # b. resident and loader paths train to the same weights
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    weights = []
+    for extra in ([], ["--data.device_resident=true"]):
+        with tempfile.TemporaryDirectory() as log_dir:
+            cli = _digits_cli(log_dir, device, *extra)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            weights.append({k: v.detach().cpu() for k, v in cli.model.state_dict().items()})
+    same = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    check(same, "digits, 2 epochs: resident data gives the loader path's weights bitwise")
+
+    # c. no synchronizing CUDA call inside the training steps (log steps excepted)
+    if device == "cuda":
+        counter = SyncCounter()
+        with tempfile.TemporaryDirectory() as log_dir, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            cli = _digits_cli(
+                log_dir,
+                device,
+                "--data.device_resident=true",
+                "--data.batch_augment.flip=0.5",
+                "--data.batch_augment.translate=1",
+                "--trainer.deterministic=false",
+            )
+            cli.trainer.callbacks.append(counter)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in seen if "synchroniz" in str(w.message)]
+        for w in syncs[:3]:
+            print(f"    sync: {str(w.message).splitlines()[0][:100]} ({w.filename}:{w.lineno})")
+        check(not syncs, f"{counter.steps} training steps, {len(syncs)} synchronizing calls")
+
+    # d. ResNet-20 on CIFAR-shaped data: the loader against resident data (+ batch augment)
+    if device == "cuda":
+        from time_to_accuracy import synthetic_cifar, trainer_rate
+
+        with tempfile.TemporaryDirectory() as folder:
+            npz = Path(folder) / "cifar_shaped.npz"
+            synthetic_cifar(npz)
+            resident_args = (
+                "--data.device_resident=true",
+                "--data.batch_augment.flip=0.5",
+                "--data.batch_augment.translate=2",
+            )
+            loader = trainer_rate(npz, 200, 20)
+            on_device = trainer_rate(npz, 200, 20, *resident_args)
+        print(
+            f"  ResNet-20 trainer fit, bf16 + channels_last: loader {loader:.0f} images/s, "
+            f"resident + batch augment {on_device:.0f} images/s ({on_device / loader:.2f}x)"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--only", choices=["resident"], help="run one part only")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # time_to_accuracy's helpers
+    if args.only == "resident" and args.device == "cpu":
+        resident("cpu", args.batch)  # the device-independent parts, to check this script
+        return 1 if FAILURES else 0
     if not torch.cuda.is_available():
         print("gpu_checks: no CUDA GPU here, nothing to check; run it on a GPU machine.")
         return 0
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     props = torch.cuda.get_device_properties(0)
     print(
         f"{props.name}, compute capability {props.major}.{props.minor}, "
@@ -254,14 +376,17 @@ def main() -> int:
         f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
         f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
     )
-    presets()
+    if args.only != "resident":
+        presets()
+    resident("cuda", args.batch)
     # The fits above leave Lightning's global flags behind; time with cuDNN's autotuner.
     torch.use_deterministic_algorithms(False)
     torch.backends.cudnn.deterministic = False
     torch.backends.cudnn.benchmark = True
-    amp(args.batch)
-    sync_batchnorm(args.batch)
-    speed(args.batch, args.steps, not args.skip_compile)
+    if args.only != "resident":
+        amp(args.batch)
+        sync_batchnorm(args.batch)
+        speed(args.batch, args.steps, not args.skip_compile)
     if FAILURES:
         print(f"\n{len(FAILURES)} check(s) failed")
         return 1

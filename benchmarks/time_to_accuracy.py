@@ -263,7 +263,7 @@ def synthetic_cifar(path: Path, n: int = 20000) -> None:
     np.savez(path, x=x, y=y, x_test=x[:1000], y_test=y[:1000])
 
 
-def resnet_cli(npz: Path, log_dir: str, steps: int):
+def resnet_cli(npz: Path, log_dir: str, steps: int, *extra: str):
     from dnn_tricks.app import TrainerCLI
 
     return TrainerCLI(
@@ -280,6 +280,7 @@ def resnet_cli(npz: Path, log_dir: str, steps: int):
             "--trainer.limit_val_batches=1",
             "--trainer.num_sanity_val_steps=0",
             *_quiet_args(log_dir),
+            *extra,
         ],
         run=False,
     )
@@ -303,9 +304,9 @@ class StepClock(Callback):
             self.end = time.perf_counter()
 
 
-def trainer_rate(npz: Path, steps: int, warmup: int) -> float:
+def trainer_rate(npz: Path, steps: int, warmup: int, *extra: str) -> float:
     with tempfile.TemporaryDirectory() as log_dir:
-        cli = resnet_cli(npz, log_dir, steps)
+        cli = resnet_cli(npz, log_dir, steps, *extra)
         clock = StepClock(warmup, last=steps - 1)
         cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
