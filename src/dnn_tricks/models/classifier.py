@@ -136,8 +136,9 @@ class Classifier(LightningModule):
         terms: dict[str, Tensor] = {}
         logits = None
         for reg in self.regularizers:
-            if reg.needs_inputs:
-                terms[reg.name], logits = reg.penalty_and_logits(self.net, x)
+            if reg.needs_inputs:  # double backward: compiled graphs have none, so run eager
+                with torch.compiler.set_stance("force_eager"):
+                    terms[reg.name], logits = reg.penalty_and_logits(self.net, x)
             elif not reg.after_step:
                 terms[reg.name] = reg.penalty(self.net)
         return terms, logits
