@@ -1,0 +1,24 @@
+"""The speedrun configs' pieces: their callbacks are basic.yaml's plus the EMA of the weights
+(each config itself runs shrunk in tests/test_configs.py)."""
+
+from __future__ import annotations
+
+import yaml
+
+from conftest import CONFIGS
+
+
+def test_speedrun_callbacks_extend_the_basic_set_with_ema():
+    basic = yaml.safe_load((CONFIGS / "callbacks/basic.yaml").read_text())
+    speedrun = yaml.safe_load((CONFIGS / "callbacks/speedrun.yaml").read_text())
+    assert speedrun[: len(basic)] == basic
+    assert [c["class_path"] for c in speedrun[len(basic) :]] == [
+        "dnn_tricks.callbacks.averaging.EMA"
+    ]
+
+
+def test_every_speedrun_config_uses_the_speedrun_callbacks_and_resident_data():
+    for config in sorted((CONFIGS / "speedrun").glob("*.yaml")):
+        text = yaml.safe_load(config.read_text())
+        assert text["trainer.callbacks"] == "../callbacks/speedrun.yaml", config.name
+        assert text["data"]["device_resident"] is True, config.name
