@@ -262,3 +262,16 @@ def test_export_command_bad_input_exits_2_writing_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert sorted(p for p in root.rglob("*")) == before
+
+
+def test_commands_read_a_runs_saved_config(digits_run, run_cli, capsys, tmp_path):
+    """export and lr-find take the config.yaml a fit saved (with the fit-only keys ckpt_path,
+    weights_only, test_after_fit in it) as they take the experiment's own config."""
+    root, _, ckpt, _ = digits_run
+    saved = ckpt.parents[1] / "config.yaml"  # the fit's, next to its checkpoints folder
+    assert "test_after_fit" in saved.read_text()
+    out = tmp_path / "from_saved.onnx"
+    run_cli(["export", "--config", saved, f"--ckpt_path={ckpt}", f"--out={out}"])
+    assert out.is_file() and "max |p_onnx - p_torch|" in capsys.readouterr().out
+    run_cli(["lr-find", "--config", saved, "--num_training=5", f"--out={tmp_path / 'lr'}"])
+    assert (tmp_path / "lr" / "lr_find.json").is_file()

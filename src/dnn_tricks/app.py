@@ -61,6 +61,18 @@ class TrainerCLI(LightningCLI):
         )
         return parser
 
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            # Built without a subcommand (export, lr-find, preview-augment, prepare-data read
+            # a config this way): a run's saved config.yaml also holds the fit subcommand's
+            # own keys; they are accepted and ignored.
+            self.parser.add_argument("--ckpt_path", type=str | None, default=None)
+            self.parser.add_argument("--weights_only", type=bool | None, default=None)
+            self.parser.add_argument("--test_after_fit", type=bool, default=True)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         self._experiment = _first_config(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)

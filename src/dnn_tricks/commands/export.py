@@ -8,9 +8,7 @@ real test inputs before it is written.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any
 
 from dnn_tricks.checkpoints import check_matches_model, read_checkpoint
 from dnn_tricks.export import SUFFIXES, TOLERANCE, check_format, check_out_path, export_model
@@ -20,21 +18,6 @@ def default_out(ckpt_path: Path, fmt: str) -> Path:
     """Next to the checkpoint: ``checkpoints/last.ckpt`` -> ``checkpoints/last.onnx``."""
     stem = ckpt_path.stem if ckpt_path.suffix == ".ckpt" else ckpt_path.name
     return ckpt_path.parent / f"{stem}{SUFFIXES[fmt]}"
-
-
-def _config_only_cli() -> type:
-    from dnn_tricks.app import TrainerCLI
-
-    class ExportCLI(TrainerCLI):
-        """Reads a run's saved config.yaml too: its fit-only keys are accepted and ignored."""
-
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            super().add_arguments_to_parser(parser)
-            parser.add_argument("--ckpt_path", type=str | None, default=None)
-            parser.add_argument("--weights_only", type=bool | None, default=None)
-            parser.add_argument("--test_after_fit", type=bool, default=True)
-
-    return ExportCLI
 
 
 def export_checkpoint(
@@ -49,12 +32,9 @@ def export_checkpoint(
     checkpoint = read_checkpoint(ckpt_path)
     out = out if out is not None else default_out(Path(ckpt_path), fmt)
     check_out_path(out)
-    argv = sys.argv
-    sys.argv = [argv[0], *config_args]  # LightningCLI reads sys.argv
-    try:
-        cli = _config_only_cli()(run=False)
-    finally:
-        sys.argv = argv
+    from dnn_tricks.app import TrainerCLI
+
+    cli = TrainerCLI(args=config_args, run=False)  # a run's saved config.yaml works too
     model = cli.model
     check_matches_model(checkpoint, model, str(ckpt_path))
     model.load_state_dict(checkpoint["state_dict"])
