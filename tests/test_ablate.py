@@ -242,6 +242,13 @@ def test_runs_are_fits_reported_with_scipy_statistics_and_continued(
         f"broken/seed_{s}" for s in (0, 1, 2)
     ]
     assert not list(folder.glob("*/seed_*/version_1"))
+    # --report_only runs nothing and reports the runs so far (seed 3 never ran).
+    trials = len(load_study(folder).trials)
+    more_seeds = write_ablation(tmp_path, variants=variants, seeds=[0, 1, 2, 3])
+    run_cli(["ablate", "--config", more_seeds, "--report_only=true"])
+    assert len(load_study(folder).trials) == trials
+    states = {(r["variant"], r["seed"]): r["state"] for r in read_rows(folder / "results.csv")}
+    assert states[("layer", "3")] == "NOT QUEUED" and states[("layer", "2")] == "COMPLETE"
     # A variant whose overrides change is not mixed with its old runs.
     changed = write_ablation(
         tmp_path, variants=[variants[0], {"name": "layer", "overrides": {NORM: "group"}}]

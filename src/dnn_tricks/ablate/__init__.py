@@ -30,6 +30,8 @@ def run_ablation(config: AblateConfig) -> dict[str, Path]:
     from dnn_tricks.search.workers import run_workers
 
     with quiet():
+        if config.report_only:
+            return report(config, open_study(config))
         queued = queue_runs(config, open_study(config))
         total = len(config.runs())
         print(f"ablate: {config.name}: {queued} of {total} runs to do", flush=True)

@@ -77,6 +77,8 @@ class AblateConfig:
         workers: processes on this machine that share the runs, one torch thread each.
         run_timeout: seconds of training after which a run stops and reports what it
             reached (Lightning's ``trainer.max_time``); null for no limit.
+        report_only: run nothing; write the report of the runs finished so far (while
+            workers elsewhere go on, or after a long ablation was stopped part way).
     """
 
     base: list[str]
@@ -95,6 +97,7 @@ class AblateConfig:
     storage: str | None = None
     workers: int = 1
     run_timeout: float | None = None
+    report_only: bool = False
 
     @property
     def folder(self) -> Path:
