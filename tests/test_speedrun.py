@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from conftest import CONFIGS
@@ -17,8 +19,15 @@ def test_speedrun_callbacks_extend_the_basic_set_with_ema():
     ]
 
 
+def _top_level_keys(config: Path) -> dict:
+    """A config file's top-level keys over those of its `config:` parents (child wins)."""
+    text = yaml.safe_load(config.read_text())
+    parent = text.pop("config", None)
+    return {**(_top_level_keys(config.parent / parent) if parent else {}), **text}
+
+
 def test_every_speedrun_config_uses_the_speedrun_callbacks_and_resident_data():
     for config in sorted((CONFIGS / "speedrun").glob("*.yaml")):
-        text = yaml.safe_load(config.read_text())
+        text = _top_level_keys(config)
         assert text["trainer.callbacks"] == "../callbacks/speedrun.yaml", config.name
         assert text["data"]["device_resident"] is True, config.name
