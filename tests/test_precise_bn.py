@@ -92,3 +92,20 @@ def test_misconfiguration_names_the_argument():
         PreciseBN(num_batches=0)
     with pytest.raises(ValueError, match="checkpoint"):
         PreciseBN(checkpoint="sub/dir.ckpt")
+
+
+def test_a_frozen_backbones_batch_norm_is_left_as_it_is():
+    """A frozen backbone keeps its batch norm in eval mode while training (a fixed
+    function): PreciseBN leaves those statistics bitwise and recomputes only the rest."""
+    from dnn_tricks.models.backbones import Backbone
+
+    net = nn.Sequential(nn.BatchNorm2d(1), Backbone((1, 16, 16), 3, name="resnet18"))
+    net[1].freeze_backbone(True)
+    backbone = {n: b.clone() for n, b in net[1].named_buffers()}
+    batches = [torch.rand(4, 1, 16, 16) * 2 + 1 for _ in range(3)]
+
+    recompute_statistics(net, batches, net, num_batches=3)
+
+    assert all(torch.equal(b, backbone[n]) for n, b in net[1].named_buffers())
+    x = torch.stack(batches)  # the input layer: the plain mean over all pixels of each batch
+    np.testing.assert_allclose(net[0].running_mean.item(), x.mean().item(), rtol=1e-5)

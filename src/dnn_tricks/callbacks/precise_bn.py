@@ -38,13 +38,23 @@ def averaged_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in running_stat_layers(model) if hasattr(m, "momentum")]
 
 
+def trained_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """:func:`averaged_layers` that update their statistics in train mode: not those a
+    model keeps in eval mode while training (a frozen or ``backbone_bn_eval`` backbone's
+    batch norm), whose statistics are part of a fixed function."""
+    with modes_restored(model):
+        model.train()
+        return [(n, m) for n, m in averaged_layers(model) if m.training]
+
+
 @torch.no_grad()
 def recompute_statistics(
     model: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any], num_batches: int
 ) -> int:
     """Replace the running statistics of every layer of ``model`` that keeps them with a
-    BatchNorm-style ``momentum`` (:func:`averaged_layers`) by their plain average over
-    ``num_batches`` batches, with the weights fixed; returns the batches used.
+    BatchNorm-style ``momentum`` and updates them in train mode (:func:`trained_layers`) by
+    their plain average over ``num_batches`` batches, with the weights fixed; returns the
+    batches used.
 
     The model runs in train mode (dropout too, as in training, whose statistics the eval
     model was trained to expect), and before batch k (0-based) each layer's momentum is set
@@ -53,7 +63,7 @@ def recompute_statistics(
     norm, but also valid for IterNorm's running whitening matrix). Momentum, train/eval flags
     and ``num_batches_tracked`` are restored afterwards.
     """
-    layers = [m for _, m in averaged_layers(model)]
+    layers = [m for _, m in trained_layers(model)]
     momenta = [m.momentum for m in layers]
     tracked = [getattr(m, "num_batches_tracked", None) for m in layers]
     tracked = [t.clone() if isinstance(t, Tensor) else None for t in tracked]
@@ -125,15 +135,20 @@ class PreciseBN(Callback):
         self.saved_path: str | None = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        layers = averaged_layers(pl_module)
+        layers = trained_layers(pl_module)
+        fixed = {name for name, _ in averaged_layers(pl_module)} - dict(layers).keys()
         others = {name for name, _ in running_stat_layers(pl_module)} - dict(layers).keys()
+        others -= fixed
         if others:
             rank_zero_warn(
                 f"PreciseBN: {', '.join(sorted(others))} keep running statistics without a "
                 "momentum attribute; left as they are"
             )
         if not layers:
-            rank_zero_warn("PreciseBN: the model has no layer with running statistics; skipped")
+            rank_zero_warn(
+                "PreciseBN: the model has no layer that updates running statistics in "
+                "training; skipped"
+            )
             return
         loader = first_loader(trainer.train_dataloader)
         if loader is None:
