@@ -155,6 +155,7 @@ def plain_child(config: Path, seed: int, epochs: int, overrides: list[str]) -> N
     from torch.optim.swa_utils import AveragedModel
 
     from dnn_tricks.app import TrainerCLI
+    from dnn_tricks.callbacks.allocator import HeapAllocator, keep_freed_memory
     from dnn_tricks.callbacks.averaging import EMA, ema_keeping_integers
     from dnn_tricks.models.backbones import apply_lr_scales, optimizer_groups
     from dnn_tricks.schedules import build_scheduler
@@ -177,7 +178,9 @@ def plain_child(config: Path, seed: int, epochs: int, overrides: list[str]) -> N
         total = epochs * len(train) if per_step else epochs
         schedule = build_scheduler(model.scheduler_factory, optimizer, total)
     average = None
-    for entry in cli.config["trainer"]["callbacks"] or []:  # the config's EMA, if any
+    for entry in cli.config["trainer"]["callbacks"] or []:  # the config's EMA and heap
+        if entry.class_path.endswith(HeapAllocator.__name__):
+            keep_freed_memory()
         if entry.class_path.endswith(EMA.__name__):
             decay = entry.as_dict().get("init_args", {}).get("decay", 0.999)
             # BatchNorm statistics averaged too, as the EMA callback does by default

@@ -1,4 +1,5 @@
 """The speedrun configs' pieces: their callbacks are basic.yaml's plus the EMA of the weights
+and the heap allocator
 (each config itself runs shrunk in tests/test_configs.py)."""
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import yaml
 from conftest import CONFIGS
 
 
-def test_speedrun_callbacks_extend_the_basic_set_with_ema():
+def test_speedrun_callbacks_extend_the_basic_set_with_ema_and_the_heap():
     basic = yaml.safe_load((CONFIGS / "callbacks/basic.yaml").read_text())
     speedrun = yaml.safe_load((CONFIGS / "callbacks/speedrun.yaml").read_text())
     assert speedrun[: len(basic)] == basic
     assert [c["class_path"] for c in speedrun[len(basic) :]] == [
-        "dnn_tricks.callbacks.averaging.EMA"
+        "dnn_tricks.callbacks.averaging.EMA",
+        "dnn_tricks.callbacks.allocator.HeapAllocator",
     ]
 
 
