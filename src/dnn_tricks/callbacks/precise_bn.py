@@ -136,9 +136,7 @@ class PreciseBN(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         layers = trained_layers(pl_module)
-        fixed = {name for name, _ in averaged_layers(pl_module)} - dict(layers).keys()
-        others = {name for name, _ in running_stat_layers(pl_module)} - dict(layers).keys()
-        others -= fixed
+        others = dict(running_stat_layers(pl_module)).keys() - dict(averaged_layers(pl_module))
         if others:
             rank_zero_warn(
                 f"PreciseBN: {', '.join(sorted(others))} keep running statistics without a "
