@@ -5,10 +5,12 @@
    loop (forward, loss, backward, step, schedule, accuracy count; then a validation pass),
    (b) by Lightning through TrainerCLI as `trainer fit` builds it (logger, checkpoints,
    early stopping, LR monitor, torchmetrics; the project's diagnostic callbacks are left
-   out here and timed in 2.) and (c) by Lightning bare (no logger, checkpoints or
-   callbacks). Runs rotate; one-time startup (parsing, data load and split, normalizer
-   fit) is timed apart and the first epoch (warm-up) dropped; seconds per epoch are the
-   median of the remaining epochs.
+   out here and timed in 2.), (c) by Lightning bare (no logger, checkpoints or
+   callbacks) and (d) by a bare Trainer on a minimal LightningModule (the same model, loss
+   and optimizer, nothing else): (d) - (a) is Lightning's own per-step floor, (c) - (d) what
+   the project's training step adds, (b) - (c) what logging and checkpoints add. Runs
+   rotate; one-time startup (parsing, data load and split, normalizer fit) is timed apart
+   and the first epoch (warm-up) dropped; seconds per epoch are the median of the rest.
 2. Tricks: `trainer fit` with one switch changed at a time (input normalization kind, hidden
    normalization kind, dropout, augmentation, each project callback with the config's
    arguments or its defaults, all of the config's callbacks), each against the base (b)
@@ -18,12 +20,11 @@ Whether the loader keeps ahead of the model: benchmarks/loader_throughput.py.
 
     .venv/bin/python benchmarks/overhead.py [--config configs/fashion_mnist.yaml]
         [--steps 60] [--epochs 3] [--repeats 3] [--threads 1] [--skip-tricks]
+        [--clock cpu] [--profile] [--resident]
 
-Lightning's documentation reports about 0.06 s per epoch over plain PyTorch on an MNIST CNN.
-Measured on the shared 2-core dev machine, 1 thread, defaults: load average 1.1: plain
-4.80 s/epoch, trainer fit 5.03 (1.047x), bare Lightning 4.82 (1.004x); under load 5-9 other
-runs gave 0.91x-1.12x, i.e. load noise exceeds the 5% being measured. The digits MLP
-(~1 ms steps) pays Lightning's ~3-4 ms per step: 3-4.5x.
+Measured ratios are in the README ("Per-step overhead"); load on the machine moves wall-clock
+ratios by more than the 5% being measured, so compare runs at a load below the core count or
+with --clock cpu.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
 from lightning.pytorch.profilers import Profiler  # noqa: E402
+from torch import nn  # noqa: E402
 
 from dnn_tricks.app import TrainerCLI  # noqa: E402
 from dnn_tricks.models.backbones import optimizer_groups  # noqa: E402
@@ -189,6 +191,67 @@ def run_plain(args: argparse.Namespace, *extra: str) -> tuple[float, list[float]
     return summarize(start, marks)
 
 
+class MinimalModule(LightningModule):
+    """The least a LightningModule can be: the config's fitted model, cross-entropy, and an
+    accuracy count in validation, with the config's optimizer and schedule. Run by a bare
+    Trainer it is Lightning's own per-step floor; the gap to the bare Classifier is what the
+    project's training step adds."""
+
+    def __init__(self, model: nn.Module, steps: int, epochs: int) -> None:
+        super().__init__()
+        self.model, self.steps, self.epochs = model, steps, epochs
+        self.correct = torch.zeros((), dtype=torch.long)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self.model(x)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        return F.cross_entropy(logits, y, label_smoothing=self.model.hparams.label_smoothing)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        self.correct += (self.model(x).argmax(1) == y).sum()
+
+    def configure_optimizers(self):
+        hp = self.model.hparams
+        optimizer = self.model.optimizer_factory(
+            optimizer_groups(self.model.net, hp.decay_norm_and_bias)
+        )
+        per_step = hp.scheduler_interval == "step"
+        total = self.epochs * self.steps if per_step else self.epochs
+        schedule = build_scheduler(self.model.scheduler_factory, optimizer, total)
+        schedule_config = {"scheduler": schedule, "interval": "step" if per_step else "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule_config}
+
+
+def run_minimal(args: argparse.Namespace) -> tuple[float, list[float]]:
+    """MinimalModule under a bare Trainer (no logger, checkpoints, callbacks or progress bar)
+    on the config's DataModule."""
+    start = clock()
+    with tempfile.TemporaryDirectory() as log_dir:
+        cli = build_cli(args, log_dir)
+        data, model = cli.datamodule, cli.model
+        data.setup("fit")
+        model.adapt_layers(lambda: data.raw_batches("train"))
+        epochs = EpochClock()
+        trainer = Trainer(
+            accelerator="cpu",
+            max_epochs=args.epochs,
+            limit_train_batches=args.steps,
+            limit_val_batches=args.val_steps,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[epochs],
+            default_root_dir=log_dir,
+        )
+        module = MinimalModule(model, steps_per_epoch(args), args.epochs)
+        trainer.fit(module, datamodule=data)
+    return summarize(start, epochs.marks)
+
+
 # ----------------------------------------------------------------------------- per hook
 
 
@@ -299,6 +362,8 @@ ARMS = {
     "plain loop": lambda args: run_plain(args),
     "trainer fit": lambda args: run_trainer(args),
     "trainer, bare": lambda args: run_trainer(args, *BARE, callbacks=[]),
+    # Lightning's floor: a minimal LightningModule, bare Trainer (see MinimalModule)
+    "minimal module": run_minimal,
 }
 # --resident: both loops again with the splits held on the device (data.device_resident)
 RESIDENT = "--data.device_resident=true"
