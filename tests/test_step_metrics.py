@@ -43,6 +43,56 @@ def test_epoch_sums_are_sample_weighted_means_and_top1_accuracy():
     assert sums.means(accuracy="acc") == {}
 
 
+def test_means_reduced_over_processes_are_over_every_sample():
+    """Two processes with unequal batches: the reduced means are the means over the union
+    (not the mean of the two processes' means), from one summed tensor."""
+    rng = np.random.default_rng(1)
+    ranks, pooled_losses, pooled_sizes, pooled_correct = [EpochSums(), EpochSums()], [], [], 0
+    for rank, sizes in zip(ranks, ([8, 8, 3], [5]), strict=True):
+        for n in sizes:
+            logits = torch.from_numpy(rng.normal(size=(n, 4)))
+            target = torch.from_numpy(rng.integers(0, 4, size=n))
+            loss = float(rng.uniform(0.1, 3.0))
+            pooled_losses.append(loss)
+            pooled_sizes.append(n)
+            pooled_correct += int((logits.numpy().argmax(1) == target.numpy()).sum())
+            rank.add({"loss": torch.tensor(loss, dtype=torch.float32)}, logits, target)
+    seen: list[torch.Tensor] = []
+    ranks[1].means("acc", reduce=lambda totals: seen.append(totals) or totals)
+    (other,) = seen
+    means = ranks[0].means("acc", reduce=lambda totals: totals + other)  # the all-reduce
+    assert float(means["loss"]) == pytest.approx(np.average(pooled_losses, weights=pooled_sizes))
+    assert float(means["acc"]) == pytest.approx(pooled_correct / sum(pooled_sizes))
+    alone = ranks[1].means("acc")
+    assert float(alone["loss"]) == pytest.approx(pooled_losses[-1])
+
+
+def test_validation_and_test_metrics_equal_a_hand_computation(tmp_path):
+    """val/loss and val/acc (and test/*), logged once per evaluation, are the sample mean of
+    the cross-entropy and the top-1 accuracy over the whole split, computed here directly."""
+    import torch.nn.functional as F
+
+    from dnn_tricks.app import TrainerCLI
+
+    args = ["--config", str(CONFIGS / "digits.yaml"), *shrink_args(tmp_path, epochs=1)]
+    whole = ["--trainer.limit_val_batches=1.0", "--trainer.limit_test_batches=1.0"]
+    cli = TrainerCLI(args=[*args, *whole], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    data, model = cli.datamodule, cli.model.eval()
+    for stage in ("val", "test"):
+        run = cli.trainer.validate if stage == "val" else cli.trainer.test
+        (logged,) = run(model, datamodule=data, verbose=False)
+        loader = data.val_dataloader() if stage == "val" else data.test_dataloader()
+        with torch.no_grad():
+            pairs = [(model(data.to_float(x)).double(), y) for x, y in loader]
+        logits, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        assert len(y) == len(data.split(stage)[1])  # the whole split
+        expected_loss = float(F.cross_entropy(logits, y, reduction="sum")) / len(y)
+        expected_acc = float((logits.argmax(1) == y).double().mean())
+        assert logged[f"{stage}/loss"] == pytest.approx(expected_loss, rel=1e-5)
+        assert logged[f"{stage}/acc"] == pytest.approx(expected_acc, abs=1e-7)
+
+
 def test_guard_keeps_the_first_non_finite_step_and_its_value():
     guard = NonFiniteGuard()
 

@@ -15,7 +15,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics.classification import MulticlassAccuracy
 
 from dnn_tricks import regularize
 from dnn_tricks.models.backbones import NetFactory, apply_lr_scales, build_net, optimizer_groups
@@ -107,10 +106,10 @@ class Classifier(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.num_classes = num_classes
         self.mixing = BatchMixing(mixing, num_classes) if mixing is not None else None
-        # training scalars summed on the device, logged at log steps and epoch ends
+        # training scalars summed on the device, logged at log steps and epoch ends; the
+        # evaluation's loss and accuracy likewise, logged at the end of validation or test
         self._epoch_sums, self._nonfinite = EpochSums(), NonFiniteGuard()
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._eval_sums = EpochSums()
 
     def forward(self, x: Tensor) -> Tensor:
         """Raw inputs -> logits; in eval mode with ``tta``, the mean over its views."""
@@ -178,12 +177,20 @@ class Classifier(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._nonfinite.check(self, self.current_epoch)
-        means = self._epoch_sums.means(accuracy="train/acc")
-        if means:  # one all-reduce each under DDP, once per epoch
-            self.log(
-                "train/loss_epoch", means.pop("train/loss_epoch"), prog_bar=True, sync_dist=True
-            )
-            self.log_dict(means, sync_dist=True)
+        self._log_means(self._epoch_sums, "train/acc", prog_bar=("train/loss_epoch",))
+
+    def _log_means(self, sums: EpochSums, accuracy: str, prog_bar: tuple[str, ...]) -> None:
+        """Log the epoch means of ``sums`` over every process's samples (one all-reduce under
+        DDP); the names in ``prog_bar`` also in the progress bar."""
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if distributed else None
+        means = sums.means(accuracy, reduce)
+        shown = {name: means.pop(name) for name in prog_bar if name in means}
+        # equal on every process already; sync_dist keeps Lightning's DDP advice quiet
+        for group, bar in ((shown, True), (means, False)):
+            if group:
+                self.log_dict(group, prog_bar=bar, sync_dist=distributed)
 
     def on_validation_start(self) -> None:
         self._nonfinite.check(self, self.current_epoch)
@@ -201,23 +208,32 @@ class Classifier(LightningModule):
                 reg.constrain(self.net)
 
     # -- evaluation --
-    def _evaluate(
-        self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy
-    ) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        """Add a batch's loss and correct predictions to the stage's sums, logged at its end."""
         x, y = batch
         logits = self(x)  # through forward, where callbacks' forward hooks see the logits
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
+        self._eval_sums.add({f"{stage}/loss": F.cross_entropy(logits, y)}, logits, y)
         if stage == "val" and self.hparams.val_jacobian:
             norm = regularize.jacobian_norm(self.net, self.input_norm(x))
             self.log("val/jacobian_norm", norm, sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_means(self._eval_sums, "val/acc", prog_bar=("val/loss", "val/acc"))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_means(self._eval_sums, "test/acc", prog_bar=("test/loss", "test/acc"))
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch

@@ -6,11 +6,13 @@ record to the value's device on every call, walking the record's whole state (ab
 call on the 2-core CPU; three calls per step cost 3x the digits MLP's own step), and a
 torchmetrics ``forward`` computes the batch value besides updating (and ``MeanMetric`` checks
 for NaN, a host sync on an accelerator). Here a step costs a few tensor additions; the module
-reads the sums at Lightning's log steps and at the epoch end.
+reads the sums at Lightning's log steps and at the epoch end. Validation and test keep their
+loss and accuracy the same way (a ``self.log`` per evaluation batch cost ~1 ms each too).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,13 +45,23 @@ class EpochSums:
         self.correct = correct if self.correct is None else self.correct + correct
         self.samples += n
 
-    def means(self, accuracy: str) -> dict[str, Tensor]:
+    def means(
+        self, accuracy: str, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Each value's epoch mean, and the accuracy under the name ``accuracy``; empty
-        before the epoch's first step."""
+        before the epoch's first step. ``reduce`` sums a tensor over processes (DDP): the
+        means are then over every process's samples, from one collective."""
         if self.correct is None:
             return {}
-        means = {name: total / self.samples for name, total in self.sums.items()}
-        means[accuracy] = self.correct.double().div(self.samples).float()
+        names = list(self.sums)
+        count = torch.tensor(self.samples, dtype=torch.float64, device=self.correct.device)
+        parts = [*(self.sums[name] for name in names), self.correct, count]
+        totals = torch.stack([part.double() for part in parts])
+        if reduce is not None:
+            totals = reduce(totals)
+        *sums, correct, samples = totals.unbind()
+        means = {name: (total / samples).float() for name, total in zip(names, sums, strict=True)}
+        means[accuracy] = (correct / samples).float()
         return means
 
 
