@@ -1,5 +1,5 @@
-"""The speedrun configs' pieces: their callbacks are basic.yaml's plus the EMA of the weights
-and the heap allocator
+"""The speedrun configs' pieces: their callbacks are basic.yaml's plus the heap allocator
+(CPU) or the EMA of the weights (GPU), and their data is resident
 (each config itself runs shrunk in tests/test_configs.py)."""
 
 from __future__ import annotations
@@ -10,15 +10,21 @@ import yaml
 
 from conftest import CONFIGS
 
-
-def test_speedrun_callbacks_extend_the_basic_set_with_ema_and_the_heap():
-    basic = yaml.safe_load((CONFIGS / "callbacks/basic.yaml").read_text())
-    speedrun = yaml.safe_load((CONFIGS / "callbacks/speedrun.yaml").read_text())
-    assert speedrun[: len(basic)] == basic
-    assert [c["class_path"] for c in speedrun[len(basic) :]] == [
+SPEEDRUN_CALLBACKS = {
+    "speedrun.yaml": [
         "dnn_tricks.callbacks.averaging.EMA",
         "dnn_tricks.callbacks.allocator.HeapAllocator",
-    ]
+    ],
+    "speedrun_ema.yaml": ["dnn_tricks.callbacks.averaging.EMA"],
+}
+
+
+def test_speedrun_callbacks_extend_the_basic_set():
+    basic = yaml.safe_load((CONFIGS / "callbacks/basic.yaml").read_text())
+    for name, added in SPEEDRUN_CALLBACKS.items():
+        speedrun = yaml.safe_load((CONFIGS / "callbacks" / name).read_text())
+        assert speedrun[: len(basic)] == basic, name
+        assert [c["class_path"] for c in speedrun[len(basic) :]] == added, name
 
 
 def _top_level_keys(config: Path) -> dict:
@@ -28,8 +34,9 @@ def _top_level_keys(config: Path) -> dict:
     return {**(_top_level_keys(config.parent / parent) if parent else {}), **text}
 
 
-def test_every_speedrun_config_uses_the_speedrun_callbacks_and_resident_data():
+def test_every_speedrun_config_uses_speedrun_callbacks_and_resident_data():
+    callbacks = {f"../callbacks/{name}" for name in SPEEDRUN_CALLBACKS}
     for config in sorted((CONFIGS / "speedrun").glob("*.yaml")):
         text = _top_level_keys(config)
-        assert text["trainer.callbacks"] == "../callbacks/speedrun.yaml", config.name
+        assert text["trainer.callbacks"] in callbacks, config.name
         assert text["data"]["device_resident"] is True, config.name
