@@ -11,10 +11,7 @@ import yaml
 from conftest import CONFIGS
 
 SPEEDRUN_CALLBACKS = {
-    "speedrun.yaml": [
-        "dnn_tricks.callbacks.averaging.EMA",
-        "dnn_tricks.callbacks.allocator.HeapAllocator",
-    ],
+    "speedrun.yaml": ["dnn_tricks.callbacks.allocator.HeapAllocator"],
     "speedrun_ema.yaml": ["dnn_tricks.callbacks.averaging.EMA"],
 }
 
