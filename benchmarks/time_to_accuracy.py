@@ -385,9 +385,9 @@ def gpu_throughput(args: argparse.Namespace) -> None:
     )
     epochs = yaml.safe_load(SPEEDRUN_GPU.read_text())["trainer.max_epochs"]
     print(
-        f"  {SPEEDRUN_GPU.name}: {speedrun_rate:.0f} training images/s on random images: {epochs} epochs "
-        f"of CIFAR-10's 49,000 take ~{epochs * 49000 / speedrun_rate:.1f} s of training steps "
-        "(no accuracy here: random images)"
+        f"  {SPEEDRUN_GPU.name}: {speedrun_rate:.0f} training images/s on random images: "
+        f"{epochs} epochs of CIFAR-10's 49,000 take ~{epochs * 49000 / speedrun_rate:.1f} s "
+        "of training steps (no accuracy here: random images)"
     )
 
 
