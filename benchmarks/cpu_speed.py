@@ -12,7 +12,7 @@ another, each on a fresh copy of the network; `torch.compile` also prints its co
 which a timed speedrun would pay once.
 
     .venv/bin/python benchmarks/cpu_speed.py [--config configs/speedrun/fashion_mnist_5min.yaml]
-        [--steps 30] [--threads N] [--skip-compile]
+        [--steps 30] [--threads N] [--skip-compile] [--set=--model.net.init_args.KEY=VALUE]
 
 Measured numbers are in the README ("Speed"). Run it on an idle machine.
 """
@@ -55,12 +55,17 @@ def matmul_rate(size: int = 1024, seconds: float = 2.0) -> float:
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def load(config: Path):
+def load(config: Path, overrides: list[str]):
     """The config's Classifier with its input normalization fitted on random images, a batch
     of the config's shape and size, and whether the config keeps freed memory in the heap."""
     with tempfile.TemporaryDirectory() as folder:
         cli = TrainerCLI(
-            args=["--config", str(config), f"--trainer.logger.init_args.save_dir={folder}"],
+            args=[
+                "--config",
+                str(config),
+                f"--trainer.logger.init_args.save_dir={folder}",
+                *overrides,
+            ],
             run=False,
         )
     model, size = cli.model, cli.datamodule.batch_size
@@ -172,9 +177,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument(
+        "--set", action="append", default=[], help="a trainer fit argument, as --set=--key=value"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, x, y, heap = load(args.config)
+    model, x, y, heap = load(args.config, args.set)
     if heap:
         keep_freed_memory()  # as HeapAllocator does in the config's fit
     flops = step_flops(model, x, y)

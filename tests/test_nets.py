@@ -49,6 +49,36 @@ def test_convnet_without_a_norm_layer_is_conv_act():
         assert list(block._modules) == ["conv", "act"]
 
 
+def test_convnet_pool_after_conv_pools_before_the_norm_and_later_convs():
+    net = _small_convnet(norm="batch", convs_per_stage=2, pool_position="after_conv")
+    first, second = net.features[0]  # no trailing pool: the stage is its two blocks
+    assert list(first._modules) == ["conv", "pool", "norm", "act"]
+    assert list(second._modules) == ["conv", "norm", "act"]
+    x = torch.randn(4, *IMAGE)
+    assert first(x).shape == (4, 8, 6, 6) and net(x).shape == (4, 3)
+    # hand composition in train mode: conv -> 2x2 max-pool -> batch statistics -> ReLU
+    conv, norm = first.conv, first.norm
+    pooled = nn.functional.max_pool2d(conv(x), 2)
+    mean, var = (
+        pooled.mean((0, 2, 3), keepdim=True),
+        pooled.var((0, 2, 3), unbiased=False, keepdim=True),
+    )
+    expected = torch.relu((pooled - mean) / torch.sqrt(var + norm.eps))
+    torch.testing.assert_close(first(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convnet_pool_position_is_exact_where_pool_and_activation_commute():
+    """Max-pool commutes with a monotonic activation, so without a norm layer the two
+    positions compute the same function from the same weights."""
+    end = _small_convnet(norm="none", activation="relu")
+    moved = _small_convnet(norm="none", activation="relu", pool_position="after_conv")
+    moved.load_state_dict(end.state_dict())  # same parameter names: checkpoints carry over
+    x = torch.randn(5, *IMAGE)
+    torch.testing.assert_close(moved(x), end(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="convs_per_stage >= 1"):
+        _small_convnet(pool_position="after_conv", convs_per_stage=0)
+
+
 def test_resnet_block_order_before_is_he_et_als_post_activation_block():
     block = _blocks(_small_resnet(norm="batch", norm_position="before"))[0]
     assert list(block.branch._modules) == ["conv1", "norm1", "act1", "conv2", "norm2"]

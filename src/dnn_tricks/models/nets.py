@@ -26,6 +26,7 @@ from dnn_tricks.models.layers import (
 )
 
 NormPosition = Literal["before", "after"]
+PoolPosition = Literal["end", "after_conv"]
 
 
 def hidden_block(
@@ -59,6 +60,12 @@ def hidden_block(
     if dropout > 0:
         parts.append(("dropout", nn.Dropout2d(dropout) if spatial else nn.Dropout(dropout)))
     return nn.Sequential(OrderedDict(parts))
+
+
+def _pool_after_first(block: nn.Sequential) -> nn.Sequential:
+    """``block`` (conv, norm, act, ...) with a 2x2 max-pool as its second child."""
+    (first, layer), *rest = block.named_children()
+    return nn.Sequential(OrderedDict([(first, layer), ("pool", nn.MaxPool2d(2)), *rest]))
 
 
 def require_image_shape(net: str, input_shape: Sequence[int]) -> None:
@@ -154,6 +161,11 @@ class ConvNet(nn.Module):
         num_classes: number of output logits (filled in from the data).
         channels: output channels of each stage.
         convs_per_stage: 3x3 convolutions per stage.
+        pool_position: where each stage's 2x2 max-pool sits: ``end`` (after the stage's last
+            activation) or ``after_conv`` (right after its first convolution, before that
+            conv's norm and activation, as airbench orders its conv groups): the stage's norms,
+            activations and later convs then work on a quarter of the pixels. With no norm (or
+            a positive norm scale) and a monotonic activation, pool and activation commute.
         hidden: widths of the fully connected layers after the last stage.
         activation: relu, leaky_relu, elu, gelu, silu, tanh, sigmoid, or a class path /
             {class_path, init_args} of any activation module.
@@ -184,6 +196,7 @@ class ConvNet(nn.Module):
         num_classes: int,
         channels: Sequence[int] = (32, 64),
         convs_per_stage: int = 2,
+        pool_position: PoolPosition = "end",
         hidden: Sequence[int] = (128,),
         activation: LayerSpec = "relu",
         norm: LayerSpec = "batch",
@@ -206,6 +219,9 @@ class ConvNet(nn.Module):
             check_probability(key, p)
         check_probability("input_dropout", input_dropout)
         check_choice("stem", stem, ("conv", "patch_whiten"))
+        check_choice("pool_position", pool_position, ("end", "after_conv"))
+        if pool_position == "after_conv" and convs_per_stage < 1:
+            raise ValueError("pool_position=after_conv pools after a conv: convs_per_stage >= 1")
         in_ch, height, width = input_shape
         features: list[nn.Module] = []
         if input_dropout > 0:
@@ -228,13 +244,17 @@ class ConvNet(nn.Module):
         )
         for out_ch in channels:
             stage: list[nn.Module] = []
-            for _ in range(convs_per_stage):
+            for index in range(convs_per_stage):
                 # A conv feeding the activation directly (no norm, or norm after) needs its bias.
                 has_bias = not adds_norm_layer(norm) or norm_position == "after"
                 conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=has_bias)
-                stage.append(hidden_block(conv, out_ch, spatial=True, dropout=0.0, **block_args))
+                block = hidden_block(conv, out_ch, spatial=True, dropout=0.0, **block_args)
+                if index == 0 and pool_position == "after_conv":
+                    block = _pool_after_first(block)
+                stage.append(block)
                 in_ch = out_ch
-            stage.append(nn.MaxPool2d(2))
+            if pool_position == "end":
+                stage.append(nn.MaxPool2d(2))
             if spatial_dropout > 0:
                 stage.append(nn.Dropout2d(spatial_dropout))
             features.append(nn.Sequential(*stage))
