@@ -354,3 +354,40 @@ def test_shipped_optimizer_lr_search_samples_whole_optimizers(tmp_path: Path, ru
         assert ran["class_path"] == chosen["class_path"]
         assert {k: ran["init_args"][k] for k in chosen["init_args"]} == chosen["init_args"]
         assert ran["init_args"]["lr"] == t.params[LR]
+
+
+def test_two_workers_never_take_the_same_waiting_trial(tmp_path: Path) -> None:
+    """The race behind a flaky two-worker ablation, replayed: worker A has read the waiting
+    trial and stalls before setting it RUNNING; worker B asks meanwhile. Exactly one of them
+    may get it (Optuna's own rule: RUNNING only from WAITING)."""
+    import threading
+    import time
+
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    from dnn_tricks.search.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first, second = open_storage(url), open_storage(url)
+    study = optuna.create_study(study_name="race", storage=first)
+    study.enqueue_trial({"x": 1.0})
+    trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+    has_read, results = threading.Event(), {}
+
+    @sqlalchemy.event.listens_for(first.engine, "after_cursor_execute")
+    def stall(connection, cursor, statement, *args) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM trials" in statement:
+            if not has_read.is_set():
+                has_read.set()
+                time.sleep(1.0)  # A holds what it read; B asks now
+
+    def take(name: str, storage) -> None:
+        results[name] = storage.set_trial_state_values(trial_id, TrialState.RUNNING)
+
+    worker_a = threading.Thread(target=take, args=("a", first))
+    worker_a.start()
+    assert has_read.wait(10)
+    take("b", second)
+    worker_a.join()
+    assert sorted(results.values()) == [False, True], results
