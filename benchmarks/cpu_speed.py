@@ -149,7 +149,7 @@ def op_shares(step: Callable, x: torch.Tensor, y: torch.Tensor, steps: int = 10)
     return {kind: time / total for kind, time in sorted(shares.items(), key=lambda i: -i[1])}
 
 
-def variants(model, channels_last: bool, compile_too: bool) -> dict[str, dict]:
+def variants(channels_last: bool, compile_too: bool) -> dict[str, dict]:
     """Name -> how that variant changes the config's model (on a fresh copy)."""
     other = "NCHW (channels_last off)" if channels_last else "channels_last on"
     found = {"as configured": {}, other: {"channels_last": not channels_last}}
@@ -196,7 +196,7 @@ def main() -> None:
     configured = bool(model.hparams.channels_last)
     print(f"\n{'variant':32} {'ms/step':>8} {'x config':>8} {'GFLOP/s':>8} {'of matmul':>9}")
     baseline = None
-    for name, change in variants(model, configured, not args.skip_compile).items():
+    for name, change in variants(configured, not args.skip_compile).items():
         net = build(model, change.get("channels_last", configured), change.get("compile", False))
         step = train_step(net, change.get("bf16", False))
         started = time.perf_counter()
