@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,42 @@ def test_user_errors_give_one_line_and_nonzero_exit(tmp_path, override, expected
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def _cpuinfo_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    lines = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")]
+    return set(lines[0].split(":", 1)[1].split()) if lines else set()
+
+
+def test_cpu_bf16_probe_agrees_with_the_kernels_cpu_flags():
+    from dnn_tricks.app import cpu_has_bf16
+
+    flags = _cpuinfo_flags()
+    assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize(
+    ("native", "precision", "warned"),
+    [
+        (False, "bf16-mixed", True),
+        (True, "bf16-mixed", False),
+        (False, "32-true", False),
+    ],
+)
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_announced(monkeypatch, native, precision, warned):
+    from lightning.pytorch import Trainer
+
+    from dnn_tricks.app import warn_if_bf16_is_emulated
+
+    # the CPU cannot be swapped in a test: torch's two probes answer as such a CPU would
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    trainer = Trainer(accelerator="cpu", precision=precision, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_bf16_is_emulated(trainer)
+    messages = [str(w.message) for w in caught if "emulated" in str(w.message)]
+    assert len(messages) == int(warned)

@@ -48,6 +48,8 @@ heartbeat and ``RetryHeartbeatStaleTrialCallback``); no upper bound.
 Outside those four, noted for completeness (torch, bounded only from below):
 ``weight_norm.py`` recognises weight norm by ``torch.nn.utils.parametrizations._WeightNorm``
 and the legacy hook in ``module._forward_pre_hooks`` (torch has no public predicate);
+``app.py``, ``cpu_has_bf16``, reads ``torch.cpu._is_avx512_bf16_supported`` and
+``_is_amx_tile_supported`` (no public probe; a torch without them means no warning);
 ``models/input_norm.py`` overrides ``nn.Module._load_from_state_dict`` to resize its fitted
 buffers before loading.
 """
