@@ -35,7 +35,6 @@ before and after; compare runs at a load below the core count.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -196,12 +195,14 @@ def plain_child(config: Path, seed: int, epochs: int, overrides: list[str]) -> N
             average = AveragedModel(
                 model, multi_avg_fn=ema_keeping_integers(decay), use_buffers=True
             )
-    autocast = plain_autocast(str(cli.config["trainer"]["precision"]), model.device.type)
+    precision = cli.trainer.precision_plugin  # the autocast Lightning would put around a step
+    if cli.trainer.precision == "16-mixed":
+        sys.exit("the plain loop has no GradScaler: no counterpart of trainer.precision=16-mixed")
     model.train()
     for epoch in range(epochs):
         train.sampler.set_epoch(epoch)
         for index, (x, y) in enumerate(train):
-            with autocast:  # as Lightning's mixed precision: the step's forward, not backward
+            with precision.forward_context():  # the step's forward, not backward
                 loss = model.training_step((data.to_float(x), y), index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -215,15 +216,6 @@ def plain_child(config: Path, seed: int, epochs: int, overrides: list[str]) -> N
     final = average.module if average is not None else model
     seconds = elapsed()
     print(json.dumps({"seconds": seconds, "test_acc": test_accuracy(final, data)}))
-
-
-def plain_autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
-    """The autocast Lightning's ``precision`` setting puts around a training step."""
-    if precision in ("None", "32-true", "32", "64-true", "64"):
-        return contextlib.nullcontext()
-    if precision == "bf16-mixed":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    sys.exit(f"the plain loop has no counterpart of trainer.precision={precision}")
 
 
 def plain_seed(config: Path, seed: int, epochs: int, overrides: list[str]) -> dict:
