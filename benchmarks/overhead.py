@@ -62,6 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.05
 # Small models pay Lightning's fixed per-step work on ~1 ms steps: a looser target there.
 TARGETS = {"digits.yaml": 1.5}
+# the project's versions of Lightning's own callbacks: timed with those, not as tricks
+LIGHTNING_ROLES = {"dnn_tricks.callbacks.lr_monitor.LearningRateMonitor"}
 # wall: elapsed time, what a user waits. cpu: this process's CPU seconds (all its threads,
 # not loader worker processes), which other jobs on a loaded machine disturb far less.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -77,7 +79,11 @@ def config_callbacks(config: Path) -> tuple[list[dict], list[dict]]:
         args = ["--config", str(config), f"--trainer.logger.init_args.save_dir={log_dir}"]
         cli = TrainerCLI(args=args, run=False)
     listed = [entry.as_dict() for entry in cli.config["trainer"]["callbacks"] or []]
-    ours = [c for c in listed if c["class_path"].startswith("dnn_tricks.")]
+    ours = [
+        c
+        for c in listed
+        if c["class_path"].startswith("dnn_tricks.") and c["class_path"] not in LIGHTNING_ROLES
+    ]
     return [c for c in listed if c not in ours], ours
 
 
@@ -308,7 +314,10 @@ def project_callbacks() -> list[str]:
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ != module.__name__ or not issubclass(cls, Callback):
                 continue
-            if issubclass(cls, BasePredictionWriter):
+            if (
+                issubclass(cls, BasePredictionWriter)
+                or f"{module.__name__}.{cls.__name__}" in LIGHTNING_ROLES
+            ):
                 continue
             required = [
                 p

@@ -4,19 +4,23 @@ backbone batch norm in eval, backbone learning-rate scale), and one-line errors.
 
 from __future__ import annotations
 
+import csv
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 import yaml
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONFIGS, shrink_args
 from dnn_tricks import regularize
 from dnn_tricks.callbacks.finetune import FreezeBackbone
+from dnn_tricks.callbacks.lr_monitor import LearningRateMonitor
 from dnn_tricks.models.backbones import Backbone, apply_lr_scales, optimizer_groups
 from dnn_tricks.models.classifier import Classifier
 from dnn_tricks.models.input_norm import NormalizeConfig
@@ -202,6 +206,58 @@ def test_backbone_lr_scale_scales_backbone_steps_under_any_schedule():
             torch.testing.assert_close(p.detach(), old - rate * grad)
         assert all(g["lr"] == scheduled for g in optimizer.param_groups)  # schedule untouched
         schedule.step()
+
+
+class _RatesUsed(Callback):
+    """Each param group's rate inside every optimizer step, after apply_lr_scales' scaling
+    (its pre-hook was registered first, in configure_optimizers)."""
+
+    def __init__(self) -> None:
+        self.rates: list[list[float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        record = lambda opt, args, kwargs: self.rates.append([g["lr"] for g in opt.param_groups])  # noqa: E731
+        trainer.optimizers[0].register_step_pre_hook(record)
+
+
+def test_lr_monitor_logs_the_rate_each_group_steps_with(tmp_path):
+    """backbone_lr_scale 0.1 under one-cycle: every group's logged rate at each step is the
+    rate its step used, the backbone's a tenth of the head's (Lightning's own monitor logs
+    the scheduled, unscaled rate for both)."""
+    torch.manual_seed(0)
+    x, y = torch.rand(32, *GRAY), torch.arange(32) % 3
+    model = Classifier(
+        net=partial(Backbone, name="resnet18", backbone_lr_scale=0.1),
+        input_norm=NormalizeConfig(kind="none"),
+        input_shape=GRAY,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=None),
+        scheduler_interval="step",
+    )
+    used = _RatesUsed()
+    trainer = Trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        callbacks=[LearningRateMonitor(logging_interval="step"), used],
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as file:
+        rows = [r for r in csv.DictReader(file) if r.get("lr-SGD/pg1")]
+    names = [n for n in rows[0] if n.startswith("lr-SGD/pg") and "-" not in n[7:]]
+    scales = [g.get("lr_scale", 1.0) for g in trainer.optimizers[0].param_groups]
+    assert sorted(set(scales)) == [0.1, 1.0] and len(names) == len(scales)
+    assert len(rows) == len(used.rates) == 6
+    for row, rates in zip(rows, used.rates, strict=True):
+        logged = [float(row[f"lr-SGD/pg{i + 1}"]) for i in range(len(scales))]
+        assert logged == pytest.approx(rates, rel=1e-6)
+    assert len({r[0] for r in used.rates}) > 1  # the schedule moved the rates
 
 
 def test_backbone_bn_eval_keeps_running_statistics():

@@ -16,6 +16,8 @@ Lightning (``lightning>=2.6,<2.7``)
   atomic CheckpointIO plugin are always added, whatever the config lists.
 - ``app.py``, ``TrainerCLI._parse_ckpt_path`` (override): the config given is the config that
   runs; LightningCLI would replace the model's config by the checkpoint's hyperparameters.
+- ``callbacks/lr_monitor.py``, ``LearningRateMonitor._extract_lr`` (override): logs a group's
+  rate times its ``lr_scale``; the monitor has no public hook for the value it logs.
 - ``loggers.py``, ``TensorBoardLogger._get_next_version`` (override): claims ``version_N``
   with an atomic mkdir, so two runs started together get distinct folders.
 - ``callbacks/trainer_utils.py``, ``LightningModule._apply_batch_transfer_handler``: moves a

@@ -205,7 +205,8 @@ def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
     The scale is applied around each optimizer step (torch's step pre/post hooks) rather than
     to the groups' initial rates, because some schedules (OneCycleLR, CyclicLR) set every
     group's rate from one ``max_lr`` and would undo it; so any schedule scales the backbone
-    alike. The logged rates (LearningRateMonitor) are the unscaled, scheduled ones."""
+    alike. The scheduled, unscaled rate stays in ``group["lr"]`` between steps; the project's
+    LearningRateMonitor (callbacks/lr_monitor.py) logs it times the scale."""
     saved: dict[int, Any] = {}
 
     def scale(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
