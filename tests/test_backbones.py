@@ -61,6 +61,26 @@ def test_pretrained_rgb_weights_summed_over_channels_give_the_rgb_features(tmp_p
         torch.testing.assert_close(net(x), rgb(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-5)
 
 
+def test_torchvision_weights_name_loads_through_torch_hub_cache(tmp_path, monkeypatch):
+    """``weights: IMAGENET1K_V1`` takes torchvision's own download path, which reads torch
+    hub's cache first: a file there under the weights URL's name is loaded, nothing fetched."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    rgb = torchvision.models.resnet18()
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    torch.save(rgb.state_dict(), cache / url.rsplit("/", 1)[1])
+    net = Backbone(GRAY, 5, name="resnet18", weights="IMAGENET1K_V1")
+    adapted = net.model.state_dict()
+    for key, value in rgb.state_dict().items():
+        if not key.startswith(("conv1.", "fc.")):
+            assert torch.equal(adapted[key], value), key
+    summed = rgb.conv1.weight.detach().sum(dim=1, keepdim=True)
+    torch.testing.assert_close(net.model.conv1.weight.detach(), summed)
+    assert net.head.out_features == 5
+
+
 def test_timm_model_by_name_with_local_weights(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
