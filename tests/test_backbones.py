@@ -98,6 +98,23 @@ def test_timm_model_by_name_with_local_weights(tmp_path):
     )
 
 
+def test_timm_pretrained_runs_timms_own_loader_on_a_local_file(tmp_path):
+    """``weights: pretrained`` is timm's pretrained path (its own first-conv and classifier
+    adaptation); ``pretrained_cfg_overlay: {file: ...}`` in model_args points it at a local
+    file, so it runs offline."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    source = timm.create_model("test_resnet")
+    path = _save(source.state_dict(), tmp_path / "test_resnet.pth")
+    overlay = {"pretrained_cfg_overlay": {"file": path}}
+    net = Backbone(GRAY, 7, name="timm:test_resnet", weights="pretrained", model_args=overlay)
+    assert net.model.get_classifier().out_features == 7
+    summed = source.conv1[0].weight.sum(1, keepdim=True)
+    torch.testing.assert_close(net.model.conv1[0].weight, summed)
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith(("conv1.0", "fc."))}
+    assert all(torch.equal(net.model.state_dict()[k], v) for k, v in body.items())
+
+
 def test_weights_with_other_keys_name_the_first_missing_and_unexpected_key(tmp_path):
     state = torchvision.models.resnet18().state_dict()
     state["classifier.weight"] = state.pop("fc.weight")
