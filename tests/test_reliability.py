@@ -67,16 +67,27 @@ def test_same_second_runs_get_distinct_folders_and_identical_results(tmp_path):
     assert (runs[0] / "config.yaml").read_text() == (runs[1] / "config.yaml").read_text()
 
 
-def test_kill_9_then_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
+# checkpoints written on the training thread (the default) or on a background thread
+WRITERS = {
+    "atomic": [],
+    "background": [
+        '--trainer.plugins=[{"class_path": '
+        '"dnn_tricks.background_checkpoints.BackgroundCheckpointIO"}]'
+    ],
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS.values(), ids=WRITERS.keys())
+def test_kill_9_then_resume_from_last_ends_like_an_uninterrupted_run(tmp_path, writer):
     """With every check and view (configs/callbacks/full.yaml): none may draw from the
     random generators a resumed run restores, or the dropout masks would shift."""
     epochs = 4
-    full = f"--trainer.callbacks={CONFIGS / 'callbacks' / 'full.yaml'}"
+    extra = [f"--trainer.callbacks={CONFIGS / 'callbacks' / 'full.yaml'}", *writer]
     straight = tmp_path / "straight"
-    forked_trainer.run(_fit_args(straight, epochs, full), tmp_path, tmp_path / "a.log", 300)
+    forked_trainer.run(_fit_args(straight, epochs, *extra), tmp_path, tmp_path / "a.log", 300)
     killed = tmp_path / "killed"
     last = killed / "digits" / "version_0" / "checkpoints" / "last.ckpt"
-    proc = forked_trainer.start(_fit_args(killed, epochs, full), tmp_path, tmp_path / "b.log")
+    proc = forked_trainer.start(_fit_args(killed, epochs, *extra), tmp_path, tmp_path / "b.log")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.exitcode is None:
         if last.exists() and read_checkpoint(last)["epoch"] >= 1:
@@ -87,7 +98,7 @@ def test_kill_9_then_resume_from_last_ends_like_an_uninterrupted_run(tmp_path):
     assert proc.exitcode == -signal.SIGKILL, "the run finished before it could be killed"
     interrupted_at = read_checkpoint(last)["epoch"]
     assert interrupted_at < epochs - 1
-    resume = _fit_args(killed, epochs, full, "--ckpt_path=last")
+    resume = _fit_args(killed, epochs, *extra, "--ckpt_path=last")
     forked_trainer.run(resume, tmp_path, tmp_path / "c.log", 300)
     resumed = killed / "digits" / "version_1" / "checkpoints" / "last.ckpt"
     assert read_checkpoint(resumed)["epoch"] == epochs - 1
