@@ -163,6 +163,21 @@ def test_user_errors_give_one_line_and_nonzero_exit(tmp_path, override, expected
     assert "Traceback" not in proc.stderr
 
 
+def test_fit_prints_lightnings_lines_but_not_its_advertising(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dnn_tricks.cli", "fit", "--config", str(DIGITS)]
+        + shrink_args(tmp_path / "logs"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "Seed set to 0" in output and "`Trainer.fit` stopped" in output
+    assert "Tip" not in output and "litlogger" not in output
+
+
 def _cpuinfo_flags() -> set[str]:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():

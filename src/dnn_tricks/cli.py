@@ -4,6 +4,7 @@ user can cause into one line with exit status 2. Subcommands depend on the appli
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 
@@ -55,8 +56,24 @@ def _run(args: list[str]) -> None:
     command_main(args[1:])
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning 2.6 logs a "💡 Tip" advertising its cloud logger whenever a Trainer is built
+    without it; searches and ablations build many. The ``trainer`` command leaves it out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning_tips() -> None:
+    """Drop Lightning's advertising lines (its rank-zero logger; nothing else it logs)."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLightningTips())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``trainer`` console script."""
+    quiet_lightning_tips()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:

@@ -18,6 +18,9 @@ Lightning (``lightning>=2.6,<2.7``)
   runs; LightningCLI would replace the model's config by the checkpoint's hyperparameters.
 - ``callbacks/lr_monitor.py``, ``LearningRateMonitor._extract_lr`` (override): logs a group's
   rate times its ``lr_scale``; the monitor has no public hook for the value it logs.
+- ``cli.py``, ``quiet_lightning_tips``: drops records starting "💡 Tip" from the
+  ``lightning.pytorch.utilities.rank_zero`` logger (an advertisement Lightning logs per
+  Trainer; no switch turns it off). A renamed logger or message only brings the line back.
 - ``loggers.py``, ``TensorBoardLogger._get_next_version`` (override): claims ``version_N``
   with an atomic mkdir, so two runs started together get distinct folders.
 - ``callbacks/trainer_utils.py``, ``LightningModule._apply_batch_transfer_handler``: moves a
