@@ -20,8 +20,9 @@ class BackgroundCheckpointIO(CheckpointIO):
     each by ``inner`` (default: :class:`AtomicCheckpointIO`: temporary file, fsync, rename).
     Training waits only while the checkpoint's tensors are copied to host memory, so a file
     holds the state at its save, whatever the weights do meanwhile. Loads, and the end of each
-    stage (Lightning's ``teardown``), wait for the queue. A failed write raises at the next
-    save, removal or load, or at the stage's end.
+    stage (Lightning's ``teardown``), wait for the queue; code that opens a file itself in the
+    middle of a stage calls :meth:`wait` first. A failed write raises at the next save,
+    removal or load, or at the stage's end.
 
     Why not Lightning's AsyncCheckpointIO: it removes files at once, ahead of queued writes (an
     old top-k file whose write was still queued would come back), loads without waiting, and
