@@ -20,7 +20,7 @@ Whether the loader keeps ahead of the model: benchmarks/loader_throughput.py.
 
     .venv/bin/python benchmarks/overhead.py [--config configs/fashion_mnist.yaml]
         [--steps 60] [--epochs 3] [--repeats 3] [--threads 1] [--skip-tricks]
-        [--clock cpu] [--profile] [--resident]
+        [--clock cpu] [--profile] [--resident] [--heap]
 
 Measured ratios are in the README ("Per-step overhead"); load on the machine moves wall-clock
 ratios by more than the 5% being measured, so compare runs at a load below the core count or
@@ -55,6 +55,7 @@ from lightning.pytorch.profilers import Profiler  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dnn_tricks.app import TrainerCLI  # noqa: E402
+from dnn_tricks.callbacks.allocator import keep_freed_memory  # noqa: E402
 from dnn_tricks.models.backbones import optimizer_groups  # noqa: E402
 from dnn_tricks.schedules import build_scheduler  # noqa: E402
 
@@ -469,18 +470,27 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also a per-hook table")
     parser.add_argument("--target", type=float, help="ratio to meet (default per config)")
     parser.add_argument("--resident", action="store_true", help="also data.device_resident")
+    parser.add_argument(
+        "--heap",
+        action="store_true",
+        help="large blocks from the heap for every arm (HeapAllocator's setting): takes the "
+        "page-fault noise of CPU convolutions out of the comparison",
+    )
     args = parser.parse_args()
     if min(args.epochs, args.trick_epochs) < 2:
         parser.error("--epochs and --trick-epochs must be >= 2 (the first epoch is warm-up)")
     if min(args.steps, args.val_steps) < 2:
         parser.error("--steps and --val-steps must be >= 2 (Lightning reads 1 as 100%)")
     torch.set_num_threads(args.threads)
+    if args.heap and not keep_freed_memory():
+        parser.error("--heap: malloc is not glibc's here")
     global clock
     clock = CLOCKS[args.clock]
     print(
         f"{args.config.name}: {args.steps} steps + {args.val_steps} val batches per epoch, "
         f"{args.epochs} epochs x {args.repeats} rotating runs, {args.threads} thread(s), "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.clock} clock"
+        + (", large blocks from the heap" if args.heap else "")
     )
     compare_loops(args)
     if args.profile:
