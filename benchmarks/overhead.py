@@ -65,6 +65,7 @@ TARGET_RATIO = 1.05
 TARGETS = {"digits.yaml": 1.5}
 # the project's versions of Lightning's own callbacks: timed with those, not as tricks
 LIGHTNING_ROLES = {"dnn_tricks.callbacks.lr_monitor.LearningRateMonitor"}
+HEAP_ALLOCATOR = "dnn_tricks.callbacks.allocator.HeapAllocator"
 # wall: elapsed time, what a user waits. cpu: this process's CPU seconds (all its threads,
 # not loader worker processes), which other jobs on a loaded machine disturb far less.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -473,8 +474,9 @@ def main() -> None:
     parser.add_argument(
         "--heap",
         action="store_true",
-        help="large blocks from the heap for every arm (HeapAllocator's setting): takes the "
-        "page-fault noise of CPU convolutions out of the comparison",
+        help="large blocks from the heap for every arm (HeapAllocator's setting; on by itself "
+        "when the config lists the HeapAllocator): takes the page-fault noise of CPU "
+        "convolutions out of the comparison",
     )
     args = parser.parse_args()
     if min(args.epochs, args.trick_epochs) < 2:
@@ -482,6 +484,9 @@ def main() -> None:
     if min(args.steps, args.val_steps) < 2:
         parser.error("--steps and --val-steps must be >= 2 (Lightning reads 1 as 100%)")
     torch.set_num_threads(args.threads)
+    # a config with the HeapAllocator runs `trainer fit` so: every arm then runs the same way
+    listed = config_callbacks(args.config)[1]
+    args.heap = args.heap or any(c["class_path"] == HEAP_ALLOCATOR for c in listed)
     if args.heap and not keep_freed_memory():
         parser.error("--heap: malloc is not glibc's here")
     global clock
