@@ -81,9 +81,9 @@ def main() -> None:
     steps.run()  # warm-up
     print(f"{args.steps} MLP steps after each save, {args.repeats} rotating runs, 1 torch thread")
     print(f"{'checkpoint':>10} {'writer':>10} {'blocked ms':>11} {'lost ms':>8} {'write ms':>8}")
+    writers = {"in step": AtomicCheckpointIO, "background": BackgroundCheckpointIO}
     for size in args.sizes_mb:
         checkpoint = checkpoint_of(size)
-        writers = {"in step": AtomicCheckpointIO, "background": BackgroundCheckpointIO}
         runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in writers}
         alone = []
         for _ in range(args.repeats):

@@ -55,7 +55,8 @@ from lightning.pytorch.profilers import Profiler  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dnn_tricks.app import TrainerCLI  # noqa: E402
-from dnn_tricks.callbacks.allocator import keep_freed_memory  # noqa: E402
+from dnn_tricks.callbacks.allocator import HeapAllocator, keep_freed_memory  # noqa: E402
+from dnn_tricks.callbacks.lr_monitor import LearningRateMonitor  # noqa: E402
 from dnn_tricks.models.backbones import optimizer_groups  # noqa: E402
 from dnn_tricks.schedules import build_scheduler  # noqa: E402
 
@@ -64,8 +65,8 @@ TARGET_RATIO = 1.05
 # Small models pay Lightning's fixed per-step work on ~1 ms steps: a looser target there.
 TARGETS = {"digits.yaml": 1.5}
 # the project's versions of Lightning's own callbacks: timed with those, not as tricks
-LIGHTNING_ROLES = {"dnn_tricks.callbacks.lr_monitor.LearningRateMonitor"}
-HEAP_ALLOCATOR = "dnn_tricks.callbacks.allocator.HeapAllocator"
+LIGHTNING_ROLES = {f"{LearningRateMonitor.__module__}.{LearningRateMonitor.__name__}"}
+HEAP_ALLOCATOR = f"{HeapAllocator.__module__}.{HeapAllocator.__name__}"
 # wall: elapsed time, what a user waits. cpu: this process's CPU seconds (all its threads,
 # not loader worker processes), which other jobs on a loaded machine disturb far less.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

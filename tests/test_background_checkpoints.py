@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -76,4 +75,4 @@ def test_a_failed_write_raises_at_the_next_call_and_at_teardown(tmp_path):
     io.save_checkpoint({"epoch": 3}, tmp_path / "fine.ckpt")  # usable again after teardown
     io.teardown()
     assert read_checkpoint(tmp_path / "fine.ckpt")["epoch"] == 3
-    assert not list(Path(tmp_path).glob("*.partial"))
+    assert not list(tmp_path.glob("*.partial"))
