@@ -33,6 +33,7 @@ import argparse
 import importlib
 import inspect
 import json
+import math
 import os
 import pkgutil
 import re
@@ -103,7 +104,9 @@ def build_cli(
             str(args.config),
             f"--trainer.callbacks={json.dumps(callbacks)}",
             f"--trainer.max_epochs={args.epochs}",
-            f"--trainer.limit_train_batches={args.steps}",
+            # a config that groups K steps per loader batch (data.steps_per_batch) takes as
+            # many optimizer steps per epoch as the ungrouped arms
+            f"--trainer.limit_train_batches={math.ceil(args.steps / args.group)}",
             f"--trainer.limit_val_batches={args.val_steps}",
             "--trainer.num_sanity_val_steps=0",
             "--trainer.enable_progress_bar=false",
@@ -117,11 +120,17 @@ def build_cli(
 
 
 def steps_per_epoch(args: argparse.Namespace) -> int:
-    """Train steps in one of this benchmark's epochs: --steps, or fewer on small data."""
+    """Optimizer steps in one of this benchmark's epochs: --steps (rounded up to whole groups
+    of data.steps_per_batch), or fewer on small data."""
     with tempfile.TemporaryDirectory() as log_dir:
         data = build_cli(args, log_dir).datamodule
     data.setup("fit")
-    return min(args.steps, len(data.train_dataloader()))
+    groups = min(math.ceil(args.steps / args.group), len(data.train_dataloader()))
+    return data.optimizer_steps(groups)
+
+
+# the plain loop and the minimal module step through the same batches one at a time
+UNGROUPED = "--data.steps_per_batch=1"
 
 
 class EpochClock(Callback):
@@ -160,16 +169,17 @@ def run_trainer(
 
 def run_plain(args: argparse.Namespace, *extra: str) -> tuple[float, list[float]]:
     """The same network, batches, optimizer and schedule in a loop written by hand."""
+    steps = steps_per_epoch(args)
     start = clock()
     with tempfile.TemporaryDirectory() as log_dir:
-        cli = build_cli(args, log_dir, *extra)
+        cli = build_cli(args, log_dir, *extra, UNGROUPED)
     data, model = cli.datamodule, cli.model
     data.setup("fit")
     model.adapt_layers(lambda: data.raw_batches("train"))  # the fitted input normalization
     hp = model.hparams
     optimizer = model.optimizer_factory(optimizer_groups(model.net, hp.decay_norm_and_bias))
     per_step = hp.scheduler_interval == "step"
-    total = args.epochs * args.steps if per_step else args.epochs
+    total = args.epochs * steps if per_step else args.epochs
     schedule = build_scheduler(model.scheduler_factory, optimizer, total)
     train, val = data.train_dataloader(), data.val_dataloader()
     marks = []
@@ -178,7 +188,7 @@ def run_plain(args: argparse.Namespace, *extra: str) -> tuple[float, list[float]
         model.train()
         correct = torch.zeros((), dtype=torch.long)
         for step, (x, y) in enumerate(train):
-            if step == args.steps:
+            if step == steps:
                 break
             logits = model(data.to_float(x))  # raw inputs -> normalizer -> net
             loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
@@ -236,9 +246,10 @@ class MinimalModule(LightningModule):
 def run_minimal(args: argparse.Namespace) -> tuple[float, list[float]]:
     """MinimalModule under a bare Trainer (no logger, checkpoints, callbacks or progress bar)
     on the config's DataModule."""
+    steps = steps_per_epoch(args)
     start = clock()
     with tempfile.TemporaryDirectory() as log_dir:
-        cli = build_cli(args, log_dir)
+        cli = build_cli(args, log_dir, UNGROUPED)
         data, model = cli.datamodule, cli.model
         data.setup("fit")
         model.adapt_layers(lambda: data.raw_batches("train"))
@@ -246,7 +257,7 @@ def run_minimal(args: argparse.Namespace) -> tuple[float, list[float]]:
         trainer = Trainer(
             accelerator="cpu",
             max_epochs=args.epochs,
-            limit_train_batches=args.steps,
+            limit_train_batches=steps,
             limit_val_batches=args.val_steps,
             num_sanity_val_steps=0,
             logger=False,
@@ -256,7 +267,7 @@ def run_minimal(args: argparse.Namespace) -> tuple[float, list[float]]:
             callbacks=[epochs],
             default_root_dir=log_dir,
         )
-        module = MinimalModule(model, steps_per_epoch(args), args.epochs)
+        module = MinimalModule(model, steps, args.epochs)
         trainer.fit(module, datamodule=data)
     return summarize(start, epochs.marks)
 
@@ -485,6 +496,9 @@ def main() -> None:
     if min(args.steps, args.val_steps) < 2:
         parser.error("--steps and --val-steps must be >= 2 (Lightning reads 1 as 100%)")
     torch.set_num_threads(args.threads)
+    args.group = 1
+    with tempfile.TemporaryDirectory() as log_dir:
+        args.group = build_cli(args, log_dir).datamodule.steps_per_batch
     # a config with the HeapAllocator runs `trainer fit` so: every arm then runs the same way
     listed = config_callbacks(args.config)[1]
     args.heap = args.heap or any(c["class_path"] == HEAP_ALLOCATOR for c in listed)

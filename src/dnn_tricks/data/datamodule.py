@@ -12,14 +12,22 @@ import numpy as np
 import torch
 from jsonargparse.typing import Path_fr
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dnn_tricks.data.batch_augment import BatchAugmentConfig
-from dnn_tricks.data.datasets import ArrayDataset, EpochShuffleSampler, collate_batch, take_rows
+from dnn_tricks.data.datasets import (
+    ArrayDataset,
+    EpochShuffleSampler,
+    StepGroupSampler,
+    collate_batch,
+    take_rows,
+)
 from dnn_tricks.data.resident import ResidentStore, check_resident_source
 from dnn_tricks.data.sources import Source, SourceData, load_source, source_label
+from dnn_tricks.data.step_groups import ungrouped_reason
 
 Split = Literal["train", "val", "test"]
 
@@ -91,6 +99,13 @@ class DataModule(LightningDataModule):
             (``dnn_tricks.data.resident``); needs arrays in memory, not ``augment``.
         batch_augment: with ``device_resident``, augment train batches on the device, per
             image (flip, translate, cutout: ``dnn_tricks.data.batch_augment``); null for none.
+        steps_per_batch: serve this many consecutive train batches as one loader batch; the
+            model takes one optimizer step per batch of ``batch_size`` inside a single
+            Lightning step (``dnn_tricks.models.fused_steps``), so Lightning's fixed cost per
+            step is paid once per group: for small models whose steps take about a millisecond.
+            The steps see the same batches as with 1 (so the same weights, bit for bit). Under
+            DDP, gradient clipping or accumulation by the trainer, or callbacks that act per
+            optimizer step (EMA, every_n_steps), the fit runs ungrouped and warns once.
     """
 
     def __init__(
@@ -116,6 +131,7 @@ class DataModule(LightningDataModule):
         fit_samples: int | None = None,
         device_resident: bool = False,
         batch_augment: BatchAugmentConfig | None = None,
+        steps_per_batch: int = 1,
     ) -> None:
         super().__init__()
         if normalize is not None:
@@ -125,6 +141,10 @@ class DataModule(LightningDataModule):
             )
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")
+        if steps_per_batch < 1:
+            raise ValueError(f"data.steps_per_batch={steps_per_batch} must be >= 1")
+        self.steps_per_batch = steps_per_batch
+        self._grouping: tuple[int, int] | None = None  # (id of the trainer, steps per batch)
         self.source, self.root, self.download = source, root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -279,8 +299,34 @@ class DataModule(LightningDataModule):
         self._resident.load_state_dict(state_dict)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Float inputs; a train group of ``steps_per_batch`` batches as a list of them."""
         x, y = batch
-        return self.to_float(x), y
+        x = self.to_float(x)
+        if self.trainer is not None and self.trainer.training and self.grouped_steps() > 1:
+            return list(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
+        return x, y
+
+    def grouped_steps(self) -> int:
+        """Optimizer steps per train loader batch in this fit: ``steps_per_batch``, or 1
+        (with a warning) where the trainer needs a Lightning step per optimizer step."""
+        trainer = self.trainer
+        if self.steps_per_batch == 1 or trainer is None:
+            return self.steps_per_batch
+        if self._grouping is None or self._grouping[0] != id(trainer):
+            reason = ungrouped_reason(trainer)
+            if reason is not None:
+                rank_zero_warn(
+                    f"data.steps_per_batch={self.steps_per_batch}: this fit steps one batch "
+                    f"at a time (the same training, without the speed-up) because of {reason}"
+                )
+            self._grouping = (id(trainer), 1 if reason else self.steps_per_batch)
+        return self._grouping[1]
+
+    def optimizer_steps(self, loader_batches: int) -> int:
+        """Optimizer steps in the first ``loader_batches`` train loader batches of an epoch
+        (each holds ``grouped_steps()`` full batches, the last group maybe fewer)."""
+        full_batches = len(self.split("train")[1]) // self.batch_size
+        return min(loader_batches * self.grouped_steps(), full_batches)
 
     # -- loaders --
     def _workers(self, x: Any = None) -> int:
@@ -295,7 +341,14 @@ class DataModule(LightningDataModule):
             check_resident_source(x, source_label(self.source))
             batch = self.batch_size if train else self.eval_batch_size
             return self._resident.batches(  # type: ignore[return-value]
-                name, (x, y), batch, train, _training_seed(), self.trainer, self.batch_augment
+                name,
+                (x, y),
+                batch,
+                train,
+                _training_seed(),
+                self.trainer,
+                self.batch_augment,
+                self.grouped_steps() if train else 1,
             )
         workers = self._workers(x)
         pin = torch.cuda.is_available() if self.pin_memory == "auto" else self.pin_memory
@@ -305,18 +358,30 @@ class DataModule(LightningDataModule):
 
             init_fn = worker_init_fn
         if train and hasattr(x, "dataloader"):  # streaming: LitData shuffles, shards, resumes
+            if self.grouped_steps() > 1:
+                raise ValueError(
+                    "data.steps_per_batch > 1 groups batches of in-memory data; streamed "
+                    "chunks are served by LitData's loader: set data.steps_per_batch: 1"
+                )
             seed = _training_seed()
             return x.dataloader(self.batch_size, seed, workers, self._augment, pin, init_fn)
         dataset = ArrayDataset(x, y, transform=self._augment if train else None)
         # Shuffling that depends only on (seed, epoch) makes a resumed run see the same batches.
         sampler = EpochShuffleSampler(len(dataset), _training_seed()) if train else None
+        # A last batch of one sample breaks batch norm in train mode; dropping the ragged
+        # tail also keeps every step's gradient noise alike.
+        batching: dict[str, Any] = {
+            "batch_size": self.batch_size if train else self.eval_batch_size,
+            "sampler": sampler,
+            "drop_last": train,
+        }
+        if train and self.grouped_steps() > 1:
+            assert sampler is not None
+            groups = StepGroupSampler(sampler, self.batch_size, self.grouped_steps())
+            batching = {"batch_sampler": groups}
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
-            # A last batch of one sample breaks batch norm in train mode; dropping the ragged
-            # tail also keeps every step's gradient noise alike.
-            drop_last=train,
+            **batching,
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=workers > 0,

@@ -9,13 +9,14 @@ and read only the rows of each batch, in the worker that asked for them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
 
 def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -100,3 +101,27 @@ class EpochShuffleSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
         return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class StepGroupSampler(Sampler[list[int]]):
+    """``steps`` consecutive full batches of ``sampler`` served as one loader batch
+    (``data.steps_per_batch``); the last group may hold fewer. Split back into batches of
+    ``batch_size`` on the device, the steps see exactly the batches of the ungrouped loader.
+    ``sampler`` stays reachable as ``.sampler``, where Lightning calls ``set_epoch``."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, steps: int) -> None:
+        self.sampler, self.steps = sampler, steps
+        self.batches = BatchSampler(sampler, batch_size, drop_last=True)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.steps)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        group: list[int] = []
+        for count, batch in enumerate(self.batches, 1):
+            group += batch
+            if count % self.steps == 0:
+                yield group
+                group = []
+        if group:
+            yield group

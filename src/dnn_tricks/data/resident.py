@@ -42,6 +42,8 @@ class ResidentBatches:
         drop_last: leave out a last, smaller batch (training).
         rank, world_size: this process's share under DDP.
         augment: per-image batched augmentation of the train split, or None.
+        steps: batches served together as one (``data.steps_per_batch``); the last group
+            may hold fewer. Augmentation draws stay per sample, so grouping changes nothing.
     """
 
     def __init__(
@@ -54,8 +56,10 @@ class ResidentBatches:
         rank: int = 0,
         world_size: int = 1,
         augment: BatchAugment | None = None,
+        steps: int = 1,
     ) -> None:
         self.x, self.y, self.batch_size, self.drop_last = x, y, batch_size, drop_last
+        self.steps = steps
         self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
         # Lightning calls sampler.set_epoch before every epoch, also after a resume; it reads
         # batch_sampler wherever it finds a sampler (DataLoader's pair of attributes)
@@ -72,9 +76,12 @@ class ResidentBatches:
             return n // self.world_size
         return len(range(self.rank, n, self.world_size))  # evaluation: each sample once
 
-    def __len__(self) -> int:
+    def _batches(self) -> int:
         n = self._shard_size()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self._batches() / self.steps)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return _Pass(self)
@@ -114,7 +121,8 @@ class ResidentBatches:
     def _batch(
         self, order: Tensor, params: dict[str, Tensor] | None, k: int
     ) -> tuple[Tensor, Tensor]:
-        window = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        group = self.batch_size * self.steps
+        window = slice(k * group, min((k + 1) * group, self._batches() * self.batch_size))
         index = order[window]
         x = self.x[index]
         if params is not None and self.augment is not None:
@@ -204,6 +212,7 @@ class ResidentStore:
         seed: int,
         trainer: Any = None,
         augment: BatchAugmentConfig | None = None,
+        steps: int = 1,
     ) -> ResidentBatches:
         """Batches of split ``name`` on the trainer's device (the CPU without a trainer):
         shuffled, augmented and cut to full batches for training, in order for evaluation."""
@@ -223,6 +232,7 @@ class ResidentStore:
             rank=rank,
             world_size=world,
             augment=batch_augment,
+            steps=steps,
         )
         if train:
             if self.pending is not None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from dnn_tricks import regularize
+from dnn_tricks.models import fused_steps
 from dnn_tricks.models.backbones import NetFactory, apply_lr_scales, build_net, optimizer_groups
 from dnn_tricks.models.input_norm import InputNormalizer, NormalizeConfig
 from dnn_tricks.models.mixing import BatchMixing, MixConfig
@@ -142,8 +143,24 @@ class Classifier(LightningModule):
                 terms[reg.name] = reg.penalty(self.net)
         return terms, logits
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    @property
+    def automatic_optimization(self) -> bool:  # type: ignore[override]
+        """Lightning steps the optimizer, unless the data serves several steps per batch
+        (``data.steps_per_batch``): then ``training_step`` steps through them by hand."""
+        return fused_steps.steps_per_batch(self._trainer) == 1
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if not self.automatic_optimization:  # a list of batches, one optimizer step each
+            return self._fused_training_step(batch, batch_idx)
+        loss, terms = self._step_loss(*batch, self._log_step())
+        if self._log_step():
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            for name, value in terms.items():
+                self.log(f"train/{name}_step", value, on_step=True, on_epoch=False)
+        return loss
+
+    def _step_loss(self, x: Tensor, y: Tensor, log_step: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """One batch's loss and regularizer terms, added to the epoch sums."""
         x = self.input_norm(x)
         target = y
         if self.mixing is not None:  # mixup / cutmix on the device: the loss takes soft targets
@@ -153,7 +170,6 @@ class Classifier(LightningModule):
             logits = self._net_forward(x)
         data_loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
         loss = data_loss + sum(terms.values()) if terms else data_loss
-        log_step = self._log_step()
         # checked at once on a CPU, else without a host sync (see NonFiniteGuard)
         self._nonfinite.observe(self, loss, log_step)
         # No self.log per step (about 1 ms each, see step_metrics.py): device-side sums, read
@@ -161,11 +177,37 @@ class Classifier(LightningModule):
         epoch_values = {"train/loss_epoch": loss, "train/data_loss": data_loss}
         epoch_values.update({f"train/{name}_epoch": value for name, value in terms.items()})
         self._epoch_sums.add(epoch_values, logits, y)
-        if log_step:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss, terms
+
+    def _fused_training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        """One optimizer step per batch of the group, as Lightning's automatic loop takes
+        them: zero_grad, backward, step, weight constraints, per-step schedule; the
+        per-epoch schedule after the epoch's last group. Logs the group's mean loss."""
+        trainer, optimizer = self.trainer, self.optimizers()
+        schedule = self.lr_schedulers()
+        per_step = self.hparams.scheduler_interval == "step"
+        losses, sums = [], {}
+        for x, y in batches:
+            if trainer.max_steps != -1 and self.global_step >= trainer.max_steps:
+                break
+            loss, terms = self._step_loss(x, y, log_step=False)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            self._constrain()
+            if per_step and schedule is not None:
+                schedule.step()  # type: ignore[union-attr]
+            losses.append(loss.detach())
             for name, value in terms.items():
-                self.log(f"train/{name}_step", value, on_step=True, on_epoch=False)
-        return loss
+                sums.setdefault(name, []).append(value.detach())
+        last_group = batch_idx + 1 == trainer.num_training_batches
+        if not per_step and schedule is not None and last_group:
+            schedule.step()  # type: ignore[union-attr]
+        if losses:
+            self.log("train/loss_step", torch.stack(losses).mean(), on_step=True, prog_bar=True)
+            for name, values in sums.items():
+                self.log(f"train/{name}_step", torch.stack(values).mean(), on_step=True)
+        return None
 
     def _log_step(self) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps``)."""
@@ -203,6 +245,10 @@ class Classifier(LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self._constrain()
+
+    def _constrain(self) -> None:
+        """Weight constraints (max-norm) after each optimizer step."""
         for reg in self.regularizers:
             if reg.after_step:
                 reg.constrain(self.net)
@@ -274,7 +320,12 @@ class Classifier(LightningModule):
         apply_lr_scales(optimizer)
         if self.scheduler_factory is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        fused = not self.automatic_optimization
+        total = (
+            fused_steps.total_steps(self.trainer)
+            if fused
+            else int(self.trainer.estimated_stepping_batches)
+        )
         if self.hparams.scheduler_interval == "epoch":
             total = int(self.trainer.max_epochs or 1)
         scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
@@ -284,4 +335,6 @@ class Classifier(LightningModule):
         }
         if isinstance(scheduler, ReduceLROnPlateau):
             config["monitor"] = self.hparams.scheduler_monitor
+            if fused:
+                raise ValueError(fused_steps.plateau_refusal(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": config}

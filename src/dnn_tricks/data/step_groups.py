@@ -1,0 +1,37 @@
+"""Whether a fit can take ``data.steps_per_batch`` optimizer steps per loader batch.
+
+The module steps through a group under Lightning's manual optimization
+(``dnn_tricks.models.fused_steps``). Some settings need one Lightning step per optimizer
+step; with them the fit runs ungrouped (one batch per step, the same training) and says why
+once, so a config that groups its steps still runs under DDP or with any callback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+
+
+def _per_step_callback(callback: Callback) -> str | None:
+    """Why ``callback`` needs a Lightning step per optimizer step, or None."""
+    if isinstance(callback, WeightAveraging):
+        return "updates its average once per Lightning step"
+    if isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps:
+        return "saves at global steps that are multiples of every_n_train_steps"
+    if getattr(callback, "every_n_steps", 0):  # ActivationStats, RunningStatsCheck
+        return "acts at global steps that are multiples of every_n_steps"
+    return None
+
+
+def ungrouped_reason(trainer: Any) -> str | None:
+    """What in this trainer needs one optimizer step per Lightning step, or None."""
+    if trainer.world_size > 1:
+        return "DDP (one forward per group could not sync each step's gradients)"
+    if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
+        return "trainer.accumulate_grad_batches / gradient_clip_val (Lightning's, per step)"
+    for callback in trainer.callbacks:
+        reason = _per_step_callback(callback)
+        if reason is not None:
+            return f"{type(callback).__name__}, which {reason}"
+    return None

@@ -1,0 +1,160 @@
+"""data.steps_per_batch: K batches served as one and stepped through under manual
+optimization. The reference is the ungrouped run (Lightning's automatic optimization): the
+same batches, and after a fit bitwise the same weights, step count and learning rate; a run
+resumed from an epoch's checkpoint ends like the uninterrupted one; what cannot work is
+refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from callback_helpers import one_thread
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch import Trainer
+
+from conftest import CONFIGS, shrink_args
+from dnn_tricks.callbacks.averaging import EMA
+from dnn_tricks.data.datamodule import DataModule
+from dnn_tricks.models.classifier import Classifier
+from dnn_tricks.models.nets import MLP
+
+DIGITS = CONFIGS / "digits.yaml"
+# a per-step one-cycle schedule (its length must match the steps taken exactly), max-norm
+# after every step, dropout drawing from the global random stream
+TRICKS = [
+    "--model.scheduler=torch.optim.lr_scheduler.OneCycleLR",
+    "--model.scheduler.max_lr=0.1",
+    "--model.scheduler_interval=step",
+    "--model.regularizers="
+    + json.dumps([{"class_path": "dnn_tricks.regularize.MaxNorm", "init_args": {"c": 2.0}}]),
+    "--test_after_fit=false",
+]
+RESIDENT_AUGMENTED = [
+    "--data.source=fashion_mnist",
+    "--data.train_subset=700",
+    "--data.device_resident=true",
+    "--data.batch_augment.flip=0.5",
+    "--data.batch_augment.translate=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_groups_are_the_ungrouped_batches_in_order(monkeypatch, resident):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    plain = DataModule(source="digits", batch_size=32, device_resident=resident)
+    grouped = DataModule(
+        source="digits", batch_size=32, device_resident=resident, steps_per_batch=6
+    )
+    a, b = plain.train_dataloader(), grouped.train_dataloader()
+    full = len(plain.split("train")[1]) // 32
+    assert full % 6 and len(a) == full and len(b) == -(-full // 6)  # the last: the rest
+    assert grouped.optimizer_steps(len(b)) == full and grouped.optimizer_steps(2) == 12
+    for epoch in (0, 1):
+        for loader in (a, b):  # as Lightning does before each epoch: it must reach the sampler
+            _set_sampler_epoch(loader, epoch)
+        batches = list(a)
+        groups = list(b)
+        assert [len(y) for _, y in groups] == [32 * 6] * (len(groups) - 1) + [32 * (full % 6)]
+        assert torch.equal(torch.cat([x for x, _ in groups]), torch.cat([x for x, _ in batches]))
+        assert torch.equal(torch.cat([y for _, y in groups]), torch.cat([y for _, y in batches]))
+
+
+def _fit(run_cli, logs, epochs: int, *extra: str) -> dict:
+    run_cli(["fit", "--config", DIGITS, *shrink_args(logs, epochs, 1.0), *TRICKS, *extra])
+    return torch.load(next(logs.rglob("last.ckpt")), weights_only=True)
+
+
+def _assert_same_run(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] > 0
+    (sched_a,), (sched_b,) = a["lr_schedulers"], b["lr_schedulers"]
+    assert sched_a["last_epoch"] == sched_b["last_epoch"] == a["global_step"]
+    assert sched_a["_last_lr"] == sched_b["_last_lr"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("data", ["digits", "fashion_mnist_resident"])
+def test_grouped_steps_train_to_the_ungrouped_weights_bitwise(run_cli, tmp_path, data):
+    extra = RESIDENT_AUGMENTED if data != "digits" else []
+    if data != "digits":
+        from conftest import requires_fashion_mnist
+
+        if requires_fashion_mnist().args[0]:
+            pytest.skip("Debian's dataset-fashion-mnist is not installed")
+        extra = [*extra, "--model.input_norm.kind=center"]
+    plain = _fit(run_cli, tmp_path / "plain", 2, *extra)
+    grouped = _fit(run_cli, tmp_path / "grouped", 2, *extra, "--data.steps_per_batch=4")
+    _assert_same_run(plain, grouped)
+
+
+def test_a_fit_resumed_from_an_epoch_checkpoint_ends_like_the_uninterrupted_one(run_cli, tmp_path):
+    every_epoch = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"filename": "epoch-{epoch}", "monitor": "val/loss", "save_top_k": -1},
+    }
+    grouped = ["--data.steps_per_batch=6", f"--trainer.callbacks+={json.dumps(every_epoch)}"]
+    straight = _fit(run_cli, tmp_path / "straight", 3, *grouped)
+    first = next((tmp_path / "straight").rglob("epoch-epoch=0.ckpt"))
+    resumed = _fit(run_cli, tmp_path / "resumed", 3, *grouped, f"--ckpt_path={first}")
+    _assert_same_run(straight, resumed)
+
+
+def _fit_grouped(tmp_path, callbacks: list, **trainer_args) -> tuple[Classifier, Trainer]:
+    data = DataModule(source="digits", batch_size=32, steps_per_batch=4)
+    model = Classifier(net=MLP, input_shape=data.input_shape, num_classes=data.num_classes)
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        **trainer_args,
+    )
+    trainer.fit(model, datamodule=data)
+    return model, trainer
+
+
+def test_a_fit_groups_its_steps_under_manual_optimization(tmp_path):
+    model, trainer = _fit_grouped(tmp_path, [])
+    full = len(trainer.datamodule.split("train")[1]) // 32
+    assert not model.automatic_optimization
+    assert trainer.num_training_batches == -(-full // 4) and trainer.global_step == full
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "trainer_args", "reason"),
+    [
+        ([EMA()], {}, "EMA, which updates its average once per Lightning step"),
+        ([], {"gradient_clip_val": 1.0}, "gradient_clip_val"),
+    ],
+)
+def test_what_needs_a_lightning_step_per_optimizer_step_runs_ungrouped_with_a_warning(
+    tmp_path, callbacks, trainer_args, reason
+):
+    with pytest.warns(UserWarning, match="steps_per_batch=4: this fit steps one batch") as seen:
+        model, trainer = _fit_grouped(tmp_path, callbacks, **trainer_args)
+    assert any(reason in str(w.message) for w in seen)
+    full = len(trainer.datamodule.split("train")[1]) // 32
+    assert model.automatic_optimization
+    assert trainer.num_training_batches == full and trainer.global_step == full
+
+
+def test_a_plateau_schedule_is_refused_in_one_line(run_cli, tmp_path, capsys):
+    plateau = [
+        "--model.scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "--data.steps_per_batch=4",
+    ]
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", DIGITS, *shrink_args(tmp_path / "logs"), *plateau])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ReduceLROnPlateau needs Lightning's: set data.steps_per_batch: 1" in error
