@@ -24,9 +24,12 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def shrink_args(log_dir: Path, epochs: int = 1, batches: int = 3) -> list[str]:
-    """Overrides that make any shipped config a seconds-long smoke run writing under log_dir."""
+    """Overrides that make any shipped config a seconds-long smoke run writing under log_dir.
+    Batches are counted one per step (``data.steps_per_batch: 1``; tests/test_fused_steps.py
+    runs the grouped fits, configs/digits.yaml's own grouping included)."""
     return [
         f"--trainer.max_epochs={epochs}",
+        "--data.steps_per_batch=1",
         f"--trainer.limit_train_batches={batches}",
         f"--trainer.limit_val_batches={batches}",
         f"--trainer.limit_test_batches={batches}",

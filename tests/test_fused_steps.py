@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from callback_helpers import one_thread
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import Trainer
@@ -158,3 +159,12 @@ def test_a_plateau_schedule_is_refused_in_one_line(run_cli, tmp_path, capsys):
         run_cli(["fit", "--config", DIGITS, *shrink_args(tmp_path / "logs"), *plateau])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "ReduceLROnPlateau needs Lightning's: set data.steps_per_batch: 1" in error
+
+
+def test_the_quick_start_config_groups_sixteen_steps(run_cli, tmp_path):
+    logs = tmp_path / "logs"
+    as_shipped = [a for a in shrink_args(logs, 1, 2) if "steps_per_batch" not in a]
+    run_cli(["fit", "--config", DIGITS, *as_shipped, "--test_after_fit=false"])
+    assert yaml.safe_load((CONFIGS / "data" / "digits.yaml").read_text())["steps_per_batch"] == 16
+    # two loader batches of sixteen steps each
+    assert torch.load(next(logs.rglob("last.ckpt")), weights_only=True)["global_step"] == 32

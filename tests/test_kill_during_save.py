@@ -84,6 +84,7 @@ def fit_args(callbacks: Path, logs: Path, *extra: str) -> list[str]:
         WIDE,
         f"--trainer.max_epochs={EPOCHS}",
         f"--trainer.limit_train_batches={STEPS_PER_EPOCH}",
+        "--data.steps_per_batch=1",  # one optimizer step per train batch counted above
         "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",

@@ -45,6 +45,8 @@ def find_lr(
         c for c in trainer.callbacks if not isinstance(c, (Checkpoint, SaveConfigCallback))
     ]
     model, data = cli.model, cli.datamodule
+    # the finder steps its own schedule and reads the loss once per Lightning step
+    data.steps_per_batch = 1
     # The sweep runs in a callback's on_fit_start, before the model would fit its data-fitted
     # layers (input normalization, whitening stem) in its own: fit them first, as fit does.
     data.setup("fit")
