@@ -13,12 +13,13 @@ import torch
 import yaml
 from callback_helpers import one_thread
 from lightning.fabric.utilities.data import _set_sampler_epoch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from conftest import CONFIGS, shrink_args
 from dnn_tricks.callbacks.averaging import EMA
 from dnn_tricks.data.datamodule import DataModule
 from dnn_tricks.models.classifier import Classifier
+from dnn_tricks.models.fused_steps import STEP_HOOKS
 from dnn_tricks.models.nets import MLP
 
 DIGITS = CONFIGS / "digits.yaml"
@@ -161,10 +162,59 @@ def test_a_plateau_schedule_is_refused_in_one_line(run_cli, tmp_path, capsys):
     assert "ReduceLROnPlateau needs Lightning's: set data.steps_per_batch: 1" in error
 
 
-def test_the_quick_start_config_groups_sixteen_steps(run_cli, tmp_path):
+def test_the_quick_start_config_takes_an_epoch_per_lightning_step(run_cli, tmp_path):
     logs = tmp_path / "logs"
-    as_shipped = [a for a in shrink_args(logs, 1, 2) if "steps_per_batch" not in a]
+    as_shipped = [a for a in shrink_args(logs, 2, 2) if "steps_per_batch" not in a]
     run_cli(["fit", "--config", DIGITS, *as_shipped, "--test_after_fit=false"])
-    assert yaml.safe_load((CONFIGS / "data" / "digits.yaml").read_text())["steps_per_batch"] == 16
-    # two loader batches of sixteen steps each
-    assert torch.load(next(logs.rglob("last.ckpt")), weights_only=True)["global_step"] == 32
+    assert yaml.safe_load((CONFIGS / "data" / "digits.yaml").read_text())["steps_per_batch"] == 64
+    data = DataModule(source="digits", batch_size=32, val_fraction=0.15)
+    full = len(data.split("train")[1]) // 32
+    assert full < 64  # one loader batch per epoch, whatever limit_train_batches says
+    assert torch.load(next(logs.rglob("last.ckpt")), weights_only=True)["global_step"] == 2 * full
+
+
+class StepHookCounter(Callback):
+    """Counts the per-step hooks, as a gradient-norm logger would use them."""
+
+    def __init__(self) -> None:
+        self.calls = {hook: 0 for hook in STEP_HOOKS}
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.calls["on_before_backward"] += 1
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.calls["on_after_backward"] += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.calls["on_before_optimizer_step"] += 1
+
+
+def test_step_hooks_run_once_per_optimizer_step_when_something_listens(tmp_path):
+    """With a listener the grouped fit dispatches every hook per step (without one it skips
+    the dispatch): both give the ungrouped fit's weights."""
+    weights = {}
+    for name, steps, callbacks in (
+        ("plain", 1, []),
+        ("idle", 4, []),
+        ("heard", 4, [StepHookCounter()]),
+    ):
+        torch.manual_seed(0)
+        data = DataModule(source="digits", batch_size=32, steps_per_batch=steps)
+        model = Classifier(net=MLP, input_shape=data.input_shape, num_classes=data.num_classes)
+        trainer = Trainer(
+            max_epochs=2,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp_path / name,
+        )
+        trainer.fit(model, datamodule=data)
+        weights[name] = model.state_dict()
+        if name != "plain":
+            assert model._idle_step_hooks is (not callbacks)
+        if callbacks:
+            assert callbacks[0].calls == dict.fromkeys(STEP_HOOKS, trainer.global_step)
+    for name in ("idle", "heard"):
+        for key, value in weights["plain"].items():
+            assert torch.equal(value, weights[name][key]), (name, key)

@@ -23,6 +23,14 @@ Lightning (``lightning>=2.6,<2.7``)
   Trainer; no switch turns it off). A renamed logger or message only brings the line back.
 - ``loggers.py``, ``TensorBoardLogger._get_next_version`` (override): claims ``version_N``
   with an atomic mkdir, so two runs started together get distinct folders.
+- ``models/classifier.py``, ``_fused_training_step``: where no callback listens to the
+  per-step hooks, calls ``LightningOptimizer._on_before_step`` / ``_on_after_step`` (the
+  manual loop's progress counters, so ``global_step`` advances) around the wrapped
+  optimizer's own ``step``; the public ``LightningOptimizer.step`` always dispatches the hooks
+  (~0.1 ms a step). Reads ``fit_loop.epoch_loop.total_batch_idx`` to log on Lightning's log
+  steps (its own test, ``_LoggerConnector.should_update_logs``, is private).
+- ``data/step_groups.py``, ``ModelCheckpoint._every_n_train_steps``: whether a checkpoint
+  callback saves by global step (no public attribute holds it).
 - ``callbacks/trainer_utils.py``, ``LightningModule._apply_batch_transfer_handler``: moves a
   batch exactly as the loop does (the DataModule's transfer hooks win over the module's).
 - ``checkpoints.py``, ``lightning.fabric.utilities.types._PATH``: the path type of

@@ -89,14 +89,14 @@ class NonFiniteGuard:
     def observe(self, module: Any, loss: Tensor, log_step: bool) -> None:
         """After each training loss: check it at once where reading it is free, else record
         it and check at log steps (``module`` is the LightningModule)."""
-        step, epoch = module.global_step, module.current_epoch
         if self.read_is_free(loss, module._trainer):
             if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(_message(f"became {loss.item()}", step, epoch))
+                where = f"became {loss.item()}"
+                raise FloatingPointError(_message(where, module.global_step, module.current_epoch))
             return
-        self.record(loss, step)
+        self.record(loss, module.global_step)
         if log_step:
-            self.check(module, epoch)
+            self.check(module, module.current_epoch)
 
     def record(self, loss: Tensor, step: int) -> None:
         loss = loss.detach()
