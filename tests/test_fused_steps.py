@@ -110,11 +110,13 @@ def test_a_fit_resumed_from_an_epoch_checkpoint_ends_like_the_uninterrupted_one(
     _assert_same_run(straight, resumed)
 
 
-def _fit_grouped(tmp_path, callbacks: list, **trainer_args) -> tuple[Classifier, Trainer]:
-    data = DataModule(source="digits", batch_size=32, steps_per_batch=4)
+def _fit_grouped(
+    tmp_path, callbacks: list, steps: int = 4, epochs: int = 1, **trainer_args
+) -> tuple[Classifier, Trainer]:
+    data = DataModule(source="digits", batch_size=32, steps_per_batch=steps)
     model = Classifier(net=MLP, input_shape=data.input_shape, num_classes=data.num_classes)
     trainer = Trainer(
-        max_epochs=1,
+        max_epochs=epochs,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -199,17 +201,7 @@ def test_step_hooks_run_once_per_optimizer_step_when_something_listens(tmp_path)
         ("heard", 4, [StepHookCounter()]),
     ):
         torch.manual_seed(0)
-        data = DataModule(source="digits", batch_size=32, steps_per_batch=steps)
-        model = Classifier(net=MLP, input_shape=data.input_shape, num_classes=data.num_classes)
-        trainer = Trainer(
-            max_epochs=2,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            default_root_dir=tmp_path / name,
-        )
-        trainer.fit(model, datamodule=data)
+        model, trainer = _fit_grouped(tmp_path / name, callbacks, steps, epochs=2)
         weights[name] = model.state_dict()
         if name != "plain":
             assert model._idle_step_hooks is (not callbacks)
