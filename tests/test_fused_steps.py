@@ -7,6 +7,7 @@ refused in one line."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from lightning.pytorch import Callback, Trainer
 
 from conftest import CONFIGS, shrink_args
 from dnn_tricks.callbacks.averaging import EMA
+from dnn_tricks.callbacks.input_stats import InputStatsCheck
+from dnn_tricks.callbacks.precise_bn import PreciseBN
+from dnn_tricks.callbacks.running_stats import RunningStatsCheck
 from dnn_tricks.data.datamodule import DataModule
 from dnn_tricks.models.classifier import Classifier
 from dnn_tricks.models.fused_steps import STEP_HOOKS
@@ -114,7 +118,8 @@ def _fit_grouped(
     tmp_path, callbacks: list, steps: int = 4, epochs: int = 1, **trainer_args
 ) -> tuple[Classifier, Trainer]:
     data = DataModule(source="digits", batch_size=32, steps_per_batch=steps)
-    model = Classifier(net=MLP, input_shape=data.input_shape, num_classes=data.num_classes)
+    net = partial(MLP, hidden=[64], norm="batch")  # running statistics for PreciseBN
+    model = Classifier(net=net, input_shape=data.input_shape, num_classes=data.num_classes)
     trainer = Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -210,3 +215,21 @@ def test_step_hooks_run_once_per_optimizer_step_when_something_listens(tmp_path)
     for name in ("idle", "heard"):
         for key, value in weights["plain"].items():
             assert torch.equal(value, weights[name][key]), (name, key)
+
+
+def test_callbacks_that_read_batches_see_a_group_as_its_batches(tmp_path, recwarn):
+    """PreciseBN averages over batches of batch_size (a group gives its batches one by one),
+    the input-statistics check and the running-statistics check read groups; nothing falls
+    back, and the fit ends with the ungrouped fit's weights and BN statistics."""
+    states = []
+    for steps in (1, 4):
+        precise = PreciseBN(num_batches=7, evaluate=False, checkpoint=None)
+        checks = [precise, InputStatsCheck(), RunningStatsCheck(every_n_steps=0)]
+        torch.manual_seed(0)
+        model, trainer = _fit_grouped(tmp_path / str(steps), checks, steps)
+        assert precise.batches_used == 7
+        assert model.automatic_optimization is (steps == 1)
+        states.append(model.state_dict())
+    assert not [w for w in recwarn if "steps one batch at a time" in str(w.message)]
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

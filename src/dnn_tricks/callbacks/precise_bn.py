@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dnn_tricks.callbacks.norm_stats import eval_mode, modes_restored
 from dnn_tricks.callbacks.trainer_utils import (
     batch_inputs,
+    batches_of,
     cycle,
     eager_network,
     first_loader,
@@ -154,7 +155,8 @@ class PreciseBN(Callback):
             return
         if self.evaluate:
             self.accuracy["before"] = self._val_accuracy(trainer, pl_module)
-        batches = (to_model(pl_module, b) for b in cycle(loader))
+        # a train group (data.steps_per_batch) gives its batches one by one
+        batches = (b for raw in cycle(loader) for b in batches_of(to_model(pl_module, raw)))
         with trainer.precision_plugin.forward_context():
             net = eager_network(pl_module)
             self.batches_used = recompute_statistics(

@@ -6,14 +6,35 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.nn import Module, Sequential
 
 
+def _is_group(batch: Any) -> bool:
+    return isinstance(batch, list) and bool(batch) and isinstance(batch[0], (tuple, list))
+
+
+def batches_of(batch: Any) -> list[Any]:
+    """The batches of a group (``data.steps_per_batch``: a list of ``(x, y)`` pairs once
+    transferred), or ``[batch]``."""
+    return batch if _is_group(batch) else [batch]
+
+
+def merged(batch: Any) -> Any:
+    """A group of ``(x, y)`` batches as one ``(x, y)`` batch; any other batch as it is."""
+    if _is_group(batch):
+        inputs, targets = zip(*batch, strict=True)
+        return torch.cat(inputs), torch.cat(targets)
+    return batch
+
+
 def batch_inputs(batch: Any) -> Tensor:
-    """The model input of a batch: ``x`` of an ``(x, y)`` pair, or the batch itself."""
+    """The model input of a batch: ``x`` of an ``(x, y)`` pair (all of a group's), or the
+    batch itself."""
+    batch = merged(batch)
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
@@ -42,7 +63,8 @@ def tensorboard(trainer: Trainer) -> Any:
 
 def to_model(pl_module: LightningModule, batch: Any) -> Any:
     """A loader batch moved to the model's device and through ``on_after_batch_transfer``
-    (uint8 -> float), exactly as the training loop hands it to the model."""
+    (uint8 -> float), exactly as the training loop hands it to the model (a train group:
+    its list of batches, see ``batches_of``)."""
     # Lightning's own handler: it picks the DataModule's hooks over the module's where
     # they are overridden, which no public method does.
     return pl_module._apply_batch_transfer_handler(batch)

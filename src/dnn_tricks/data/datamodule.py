@@ -27,7 +27,7 @@ from dnn_tricks.data.datasets import (
 )
 from dnn_tricks.data.resident import ResidentStore, check_resident_source
 from dnn_tricks.data.sources import Source, SourceData, load_source, source_label
-from dnn_tricks.data.step_groups import ungrouped_reason
+from dnn_tricks.data.step_groups import StepGroup, collate_group, ungrouped_reason
 
 Split = Literal["train", "val", "test"]
 
@@ -302,7 +302,7 @@ class DataModule(LightningDataModule):
         """Float inputs; a train group of ``steps_per_batch`` batches as a list of them."""
         x, y = batch
         x = self.to_float(x)
-        if self.trainer is not None and self.trainer.training and self.grouped_steps() > 1:
+        if isinstance(batch, StepGroup):
             return list(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
         return x, y
 
@@ -375,17 +375,18 @@ class DataModule(LightningDataModule):
             "sampler": sampler,
             "drop_last": train,
         }
+        collate = collate_batch
         if train and self.grouped_steps() > 1:
             assert sampler is not None
             groups = StepGroupSampler(sampler, self.batch_size, self.grouped_steps())
-            batching = {"batch_sampler": groups}
+            batching, collate = {"batch_sampler": groups}, collate_group
         return DataLoader(
             dataset,
             **batching,
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=workers > 0,
-            collate_fn=collate_batch,
+            collate_fn=collate,
             worker_init_fn=init_fn,
         )
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dnn_tricks.data.batch_augment import BatchAugment, BatchAugmentConfig
 from dnn_tricks.data.datasets import EpochShuffleSampler
+from dnn_tricks.data.step_groups import StepGroup
 
 
 def epoch_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
@@ -128,7 +129,7 @@ class ResidentBatches:
         if params is not None and self.augment is not None:
             x = self.augment(x, {name: p[window] for name, p in params.items()})
         self._served = k + 1  # counted when handed out: its step completes before a save
-        return x, self.y[index]
+        return StepGroup(x, self.y[index]) if self.steps > 1 else (x, self.y[index])
 
     def state_dict(self) -> dict[str, int]:
         """Where the epoch stands: its number and how many batches were handed out."""

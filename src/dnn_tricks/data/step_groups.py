@@ -8,15 +8,32 @@ once, so a config that groups its steps still runs under DDP or with any callbac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, ModelCheckpoint, WeightAveraging
+
+
+class StepGroup(NamedTuple):
+    """The batches of one group stacked, as the train loader serves them; Lightning moves it
+    to the device as it is (a named tuple keeps its type), and the DataModule's transfer
+    hook splits it into its batches. Any other ``(x, y)`` (validation, a callback's sample)
+    stays one batch."""
+
+    x: Any
+    y: Any
+
+
+def collate_group(batch: tuple[Any, Any]) -> StepGroup:
+    """``ArrayDataset.__getitems__`` of a group's indices (already stacked) as a StepGroup."""
+    return StepGroup(*batch)
 
 
 def _per_step_callback(callback: Callback) -> str | None:
     """Why ``callback`` needs a Lightning step per optimizer step, or None."""
     if isinstance(callback, WeightAveraging):
         return "updates its average once per Lightning step"
+    if isinstance(callback, BatchSizeFinder):
+        return "tries batch sizes one Lightning step at a time"
     if isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps:
         return "saves at global steps that are multiples of every_n_train_steps"
     if getattr(callback, "every_n_steps", 0):  # ActivationStats, RunningStatsCheck
