@@ -143,7 +143,11 @@ def test_a_fit_groups_its_steps_under_manual_optimization(tmp_path):
 @pytest.mark.parametrize(
     ("callbacks", "trainer_args", "reason"),
     [
-        ([EMA()], {}, "EMA, which updates its average once per Lightning step"),
+        (
+            [RunningStatsCheck(every_n_steps=10)],
+            {},
+            "RunningStatsCheck, which acts at global steps that are multiples of every_n_steps",
+        ),
         ([], {"gradient_clip_val": 1.0}, "gradient_clip_val"),
     ],
 )
@@ -230,6 +234,20 @@ def test_callbacks_that_read_batches_see_a_group_as_its_batches(tmp_path, recwar
         assert precise.batches_used == 7
         assert model.automatic_optimization is (steps == 1)
         states.append(model.state_dict())
+    assert not [w for w in recwarn if "steps one batch at a time" in str(w.message)]
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+def test_ema_follows_every_optimizer_step_of_a_group(tmp_path, recwarn):
+    """The EMA updates from the optimizer's step hook: a grouped fit keeps its grouping and
+    ends with the ungrouped fit's average, bit for bit."""
+    states = []
+    for steps in (1, 4):
+        torch.manual_seed(0)
+        model, trainer = _fit_grouped(tmp_path / str(steps), [EMA(decay=0.9)], steps, epochs=2)
+        assert model.automatic_optimization is (steps == 1)
+        states.append(model.state_dict())  # the average, swapped in at the end of the fit
     assert not [w for w in recwarn if "steps one batch at a time" in str(w.message)]
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key

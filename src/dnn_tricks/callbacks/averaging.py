@@ -44,6 +44,11 @@ class EMA(WeightAveraging):
       copies the model in the callbacks' ``setup``, before that. A resumed fit keeps that copy,
       which the checkpoint fills in.
 
+    - the average is updated from the optimizer's own step hook (torch's
+      ``register_step_post_hook``), not from ``on_train_batch_end``: once per optimizer step
+      also where a Lightning step takes several (``data.steps_per_batch``), and not for a step
+      the gradient scaler skipped.
+
     Validation, the final model and the checkpoints' ``state_dict`` hold the average; the
     checkpoints also keep the current weights, so a resumed fit continues both.
 
@@ -62,6 +67,9 @@ class EMA(WeightAveraging):
             the model's device.
         use_buffers: also average the float buffers (BatchNorm running statistics).
     """
+
+    # follows every optimizer step itself: a fit may group steps (dnn_tricks.data.step_groups)
+    follows_optimizer_steps = True
 
     def __init__(
         self,
@@ -99,3 +107,27 @@ class EMA(WeightAveraging):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._copy_fitted_model(trainer, pl_module)
+        self._hooks = [
+            optimizer.register_step_post_hook(self._after_step(trainer, pl_module))
+            for optimizer in trainer.optimizers
+        ]
+
+    def _after_step(self, trainer: Trainer, pl_module: LightningModule) -> Callable[..., None]:
+        def update(*_: object) -> None:
+            # Lightning counts the step after this hook: the 0-based index of this one
+            step_idx = trainer.global_step
+            if step_idx + 1 > self._latest_update_step and self.should_update(step_idx=step_idx):
+                assert self._average_model is not None
+                self._average_model.update_parameters(pl_module)
+                self._latest_update_step = step_idx + 1
+
+        return update
+
+    def on_train_batch_end(self, *args: object, **kwargs: object) -> None:
+        """Nothing: the optimizer's step hook updated the average (see the class notes)."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks = []
+        super().on_train_end(trainer, pl_module)

@@ -30,6 +30,8 @@ def collate_group(batch: tuple[Any, Any]) -> StepGroup:
 
 def _per_step_callback(callback: Callback) -> str | None:
     """Why ``callback`` needs a Lightning step per optimizer step, or None."""
+    if getattr(callback, "follows_optimizer_steps", False):  # e.g. the project's EMA
+        return None
     if isinstance(callback, WeightAveraging):
         return "updates its average once per Lightning step"
     if isinstance(callback, BatchSizeFinder):
