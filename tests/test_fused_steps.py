@@ -17,6 +17,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import Callback, Trainer
 
 from conftest import CONFIGS, shrink_args
+from dnn_tricks.callbacks.activation_stats import ActivationStats
 from dnn_tricks.callbacks.averaging import EMA
 from dnn_tricks.callbacks.input_stats import InputStatsCheck
 from dnn_tricks.callbacks.precise_bn import PreciseBN
@@ -25,6 +26,7 @@ from dnn_tricks.data.datamodule import DataModule
 from dnn_tricks.models.classifier import Classifier
 from dnn_tricks.models.fused_steps import STEP_HOOKS
 from dnn_tricks.models.nets import MLP
+from dnn_tricks.norm_layers import running_stat_layers
 
 DIGITS = CONFIGS / "digits.yaml"
 # a per-step one-cycle schedule (its length must match the steps taken exactly), max-norm
@@ -144,9 +146,9 @@ def test_a_fit_groups_its_steps_under_manual_optimization(tmp_path):
     ("callbacks", "trainer_args", "reason"),
     [
         (
-            [RunningStatsCheck(every_n_steps=10)],
+            [ActivationStats(every_n_steps=10)],
             {},
-            "RunningStatsCheck, which acts at global steps that are multiples of every_n_steps",
+            "ActivationStats, which acts at global steps that are multiples of every_n_steps",
         ),
         ([], {"gradient_clip_val": 1.0}, "gradient_clip_val"),
     ],
@@ -251,3 +253,23 @@ def test_ema_follows_every_optimizer_step_of_a_group(tmp_path, recwarn):
     assert not [w for w in recwarn if "steps one batch at a time" in str(w.message)]
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+class PlantNaNAt(Callback):
+    """A NaN in the first running variance once global_step reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            running_stat_layers(pl_module)[0][1].running_var[0] = float("nan")
+
+
+def test_running_stats_check_runs_after_the_group_that_passes_its_step(tmp_path):
+    """every_n_steps=10 with groups of 4 steps: the NaN planted after step 8 is found after
+    the group that passes step 10, at step 12 (ungrouped: at step 10)."""
+    for steps, found_at in ((1, 10), (4, 12)):
+        check = RunningStatsCheck(every_n_steps=10, drift_batches=0)
+        with pytest.raises(FloatingPointError, match=f"global step {found_at},"):
+            _fit_grouped(tmp_path / str(steps), [PlantNaNAt(8), check], steps)

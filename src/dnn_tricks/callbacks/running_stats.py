@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from dnn_tricks.callbacks.norm_stats import describe_unhealthy, health_flags, measure_drift
 from dnn_tricks.callbacks.trainer_utils import (
     batch_inputs,
+    batches_of,
     eager_network,
     log_scalars,
     sum_over_processes,
@@ -135,12 +136,24 @@ class RunningStatsCheck(Callback):
             "lower the learning rate or look for non-finite inputs"
         )
 
+    # checks after the Lightning step in which a multiple of every_n_steps was passed: that
+    # step itself, or the end of its group where a Lightning step takes several
+    # (data.steps_per_batch); a grouped fit need not run ungrouped for it
+    follows_optimizer_steps = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen_step = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         if self.drift_batches:
-            self._recent.append(batch_inputs(batch).detach())
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            for part in batches_of(batch):  # a group's batches one by one
+                self._recent.append(batch_inputs(part).detach())
+        step, every = trainer.global_step, self.every_n_steps
+        passed = bool(every) and step // every > getattr(self, "_seen_step", step - 1) // every
+        self._seen_step = step
+        if passed:
             self.check_health(trainer, pl_module, "after a training step")
 
     # -- train-mode validation --
