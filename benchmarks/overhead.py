@@ -187,7 +187,9 @@ def run_plain(args: argparse.Namespace, *extra: str) -> tuple[float, list[float]
     optimizer = model.optimizer_factory(optimizer_groups(model.net, hp.decay_norm_and_bias))
     per_step = hp.scheduler_interval == "step"
     total = args.epochs * steps if per_step else args.epochs
-    schedule = build_scheduler(model.scheduler_factory, optimizer, total)
+    schedule = None  # a config without a schedule keeps its rate
+    if model.scheduler_factory is not None:
+        schedule = build_scheduler(model.scheduler_factory, optimizer, total)
     train, val = data.train_dataloader(), data.val_dataloader()
     marks = []
     for _ in range(args.epochs):
@@ -202,10 +204,10 @@ def run_plain(args: argparse.Namespace, *extra: str) -> tuple[float, list[float]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if per_step:
+            if per_step and schedule is not None:
                 schedule.step()
             correct += (logits.argmax(1) == y).sum()
-        if not per_step:
+        if not per_step and schedule is not None:
             schedule.step()
         model.eval()
         with torch.no_grad():
@@ -245,6 +247,8 @@ class MinimalModule(LightningModule):
         )
         per_step = hp.scheduler_interval == "step"
         total = self.epochs * self.steps if per_step else self.epochs
+        if self.model.scheduler_factory is None:
+            return optimizer
         schedule = build_scheduler(self.model.scheduler_factory, optimizer, total)
         schedule_config = {"scheduler": schedule, "interval": "step" if per_step else "epoch"}
         return {"optimizer": optimizer, "lr_scheduler": schedule_config}
