@@ -6,8 +6,10 @@ refused in one line."""
 
 from __future__ import annotations
 
+import csv
 import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ import yaml
 from callback_helpers import one_thread
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONFIGS, shrink_args
 from dnn_tricks.callbacks.activation_stats import ActivationStats
@@ -122,15 +126,9 @@ def _fit_grouped(
     data = DataModule(source="digits", batch_size=32, steps_per_batch=steps)
     net = partial(MLP, hidden=[64], norm="batch")  # running statistics for PreciseBN
     model = Classifier(net=net, input_shape=data.input_shape, num_classes=data.num_classes)
-    trainer = Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        **trainer_args,
-    )
+    settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    settings.update(trainer_args)
+    trainer = Trainer(max_epochs=epochs, callbacks=callbacks, default_root_dir=tmp_path, **settings)
     trainer.fit(model, datamodule=data)
     return model, trainer
 
@@ -146,18 +144,18 @@ def test_a_fit_groups_its_steps_under_manual_optimization(tmp_path):
     ("callbacks", "trainer_args", "reason"),
     [
         (
-            [ActivationStats(every_n_steps=10)],
-            {},
-            "ActivationStats, which acts at global steps that are multiples of every_n_steps",
+            lambda folder: [ModelCheckpoint(folder, every_n_train_steps=10)],
+            {"enable_checkpointing": True},
+            "ModelCheckpoint, which saves at global steps that are multiples of every_n_train",
         ),
-        ([], {"gradient_clip_val": 1.0}, "gradient_clip_val"),
+        (lambda folder: [], {"gradient_clip_val": 1.0}, "gradient_clip_val"),
     ],
 )
 def test_what_needs_a_lightning_step_per_optimizer_step_runs_ungrouped_with_a_warning(
     tmp_path, callbacks, trainer_args, reason
 ):
     with pytest.warns(UserWarning, match="steps_per_batch=4: this fit steps one batch") as seen:
-        model, trainer = _fit_grouped(tmp_path, callbacks, **trainer_args)
+        model, trainer = _fit_grouped(tmp_path, callbacks(tmp_path / "ckpt"), **trainer_args)
     assert any(reason in str(w.message) for w in seen)
     full = len(trainer.datamodule.split("train")[1]) // 32
     assert model.automatic_optimization
@@ -273,3 +271,26 @@ def test_running_stats_check_runs_after_the_group_that_passes_its_step(tmp_path)
         check = RunningStatsCheck(every_n_steps=10, drift_batches=0)
         with pytest.raises(FloatingPointError, match=f"global step {found_at},"):
             _fit_grouped(tmp_path / str(steps), [PlantNaNAt(8), check], steps)
+
+
+def test_activation_stats_record_the_first_step_of_each_group_that_holds_a_multiple(tmp_path):
+    """every_n_steps=10, groups of 4 steps (0-3, 4-7, 8-11, ...): steps 0, 8, 20 and 28 are
+    recorded (their groups hold 0, 10, 20, 30); ungrouped: 0, 10, 20, 30."""
+    for steps, recorded in ((1, [0, 10, 20, 30]), (4, [0, 8, 20, 28])):
+        logger = CSVLogger(tmp_path / str(steps), name="run")
+        data = DataModule(source="digits", batch_size=32, steps_per_batch=steps)
+        model = Classifier(net=MLP, input_shape=data.input_shape, num_classes=data.num_classes)
+        trainer = Trainer(
+            max_steps=32,
+            callbacks=[ActivationStats(every_n_steps=10)],
+            logger=logger,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+        )
+        trainer.fit(model, datamodule=data)
+        assert model.automatic_optimization is (steps == 1)
+        rows = csv.DictReader((Path(logger.log_dir) / "metrics.csv").open())
+        logged = sorted(
+            {int(r["step"]) for r in rows if any(k.startswith("act_") and r[k] for k in r)}
+        )
+        assert logged == recorded

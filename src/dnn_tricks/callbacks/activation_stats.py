@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from dnn_tricks.callbacks.trainer_utils import sum_over_processes, tensorboard
+from dnn_tricks.callbacks.trainer_utils import batches_of, sum_over_processes, tensorboard
 
 DEFAULT_MODULES = ("ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Tanh", "Sigmoid")
 STATS = ("mean", "std", "zero_frac", "dead_frac")
@@ -57,6 +57,9 @@ class ActivationStats(Callback):
             modules: [ReLU]
             zero_threshold: 1.0e-6
             histograms: false
+
+    Where a Lightning step takes several optimizer steps (``data.steps_per_batch``), the first
+    step of each group that holds a multiple of N is recorded (logged at its own step).
 
     Args:
         every_n_steps: record on the training steps whose global step is a multiple of N.
@@ -102,12 +105,16 @@ class ActivationStats(Callback):
             (name, m) for name, m in pl_module.named_modules() if type(m).__name__ in self.modules
         ]
 
+    # a group of steps in one Lightning step is recorded at its first (see the class notes)
+    follows_optimizer_steps = True
+
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step, every = trainer.global_step, self.every_n_steps
+        last = step + len(batches_of(batch)) - 1  # the group's steps: step .. last
         # with gradient accumulation several batches share a step: record the first only
-        if step % self.every_n_steps or step == self._step:
+        if -(-step // every) * every > last or step == self._step:
             return
         self._step, self._pending = step, {}
         writer = tensorboard(trainer) if self.histograms else None

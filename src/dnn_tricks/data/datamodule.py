@@ -105,9 +105,9 @@ class DataModule(LightningDataModule):
             step is paid once per group: for small models whose steps take about a millisecond.
             The steps see the same batches as with 1 (so the same weights, bit for bit). Under
             DDP, gradient clipping or accumulation by the trainer, or callbacks that act per
-            optimizer step from their batch hooks (ActivationStats, Lightning's weight
-            averaging; not the project's EMA or RunningStatsCheck), the fit runs ungrouped and
-            warns once.
+            optimizer step from their batch hooks (``every_n_train_steps``, Lightning's weight
+            averaging; the project's callbacks handle groups), the fit runs ungrouped and warns
+            once.
     """
 
     def __init__(

@@ -1,5 +1,10 @@
 """Whether a fit can take ``data.steps_per_batch`` optimizer steps per loader batch.
 
+A callback that handles groups itself says so with a class attribute
+``follows_optimizer_steps = True``; others that act on exact global steps from their batch
+hooks (``every_n_steps``, ``every_n_train_steps``, Lightning's weight averaging) make the fit
+run ungrouped.
+
 The module steps through a group under Lightning's manual optimization
 (``dnn_tricks.models.fused_steps``). Some settings need one Lightning step per optimizer
 step; with them the fit runs ungrouped (one batch per step, the same training) and says why
@@ -30,7 +35,8 @@ def collate_group(batch: tuple[Any, Any]) -> StepGroup:
 
 def _per_step_callback(callback: Callback) -> str | None:
     """Why ``callback`` needs a Lightning step per optimizer step, or None."""
-    if getattr(callback, "follows_optimizer_steps", False):  # e.g. the project's EMA
+    # the project's EMA, RunningStatsCheck and ActivationStats handle groups themselves
+    if getattr(callback, "follows_optimizer_steps", False):
         return None
     if isinstance(callback, WeightAveraging):
         return "updates its average once per Lightning step"
@@ -38,7 +44,7 @@ def _per_step_callback(callback: Callback) -> str | None:
         return "tries batch sizes one Lightning step at a time"
     if isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps:
         return "saves at global steps that are multiples of every_n_train_steps"
-    if getattr(callback, "every_n_steps", 0):  # ActivationStats, RunningStatsCheck
+    if getattr(callback, "every_n_steps", 0):  # a callback of yours that counts steps
         return "acts at global steps that are multiples of every_n_steps"
     return None
 
