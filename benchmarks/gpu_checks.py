@@ -12,7 +12,8 @@
    channels_last, and bf16 + channels_last + torch.compile (compile time reported apart).
 5. Device-resident data (data.device_resident, data.batch_augment): the batched flip /
    translate / cutout give on the GPU exactly what they give on the CPU for the same draws;
-   a digits fit on resident data ends with the loader path's weights, bitwise; the training
+   a digits fit on resident data ends with the loader path's weights, bitwise, and so does one
+   with 8 optimizer steps per Lightning step (data.steps_per_batch); the training
    steps of a resident fit make no synchronizing CUDA call (torch's sync debug mode counts
    them; the model's input normalization and non-finite check included) except at log steps;
    and a ResNet-20 fit on CIFAR-shaped resident data against the same fit through the loader
@@ -259,6 +260,8 @@ def _digits_cli(log_dir: str, device: str, *extra: str):
             f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
             "--trainer.devices=1",
             "--trainer.max_epochs=2",
+            "--data.steps_per_batch=1",  # one Lightning step per optimizer step unless asked
+            "--trainer.log_every_n_steps=10",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
             f"--trainer.logger.init_args.save_dir={log_dir}",
@@ -311,6 +314,16 @@ def resident(device: str, size: int) -> None:
             weights.append({k: v.detach().cpu() for k, v in cli.model.state_dict().items()})
     same = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     check(same, "digits, 2 epochs: resident data gives the loader path's weights bitwise")
+
+    # b2. several optimizer steps per Lightning step (data.steps_per_batch) on the device
+    with tempfile.TemporaryDirectory() as log_dir:
+        cli = _digits_cli(
+            log_dir, device, "--data.device_resident=true", "--data.steps_per_batch=8"
+        )
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        grouped = {k: v.detach().cpu() for k, v in cli.model.state_dict().items()}
+    same = all(torch.equal(weights[1][k], grouped[k]) for k in grouped)
+    check(same, "digits, 2 epochs: 8 steps per Lightning step give the ungrouped weights bitwise")
 
     # c. no synchronizing CUDA call inside the training steps (log steps excepted)
     if device == "cuda":
