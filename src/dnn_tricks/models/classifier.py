@@ -111,6 +111,7 @@ class Classifier(LightningModule):
         # evaluation's loss and accuracy likewise, logged at the end of validation or test
         self._epoch_sums, self._nonfinite = EpochSums(), NonFiniteGuard()
         self._eval_sums = EpochSums()
+        self._idle_step_hooks = False  # set per fit: see on_train_start
 
     def forward(self, x: Tensor) -> Tensor:
         """Raw inputs -> logits; in eval mode with ``tta``, the mean over its views."""
@@ -152,8 +153,9 @@ class Classifier(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if not self.automatic_optimization:  # a list of batches, one optimizer step each
             return self._fused_training_step(batch, batch_idx)
-        loss, terms = self._step_loss(*batch, self._log_step())
-        if self._log_step():
+        log_step = self._log_step()
+        loss, terms = self._step_loss(*batch, log_step)
+        if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
             for name, value in terms.items():
                 self.log(f"train/{name}_step", value, on_step=True, on_epoch=False)
@@ -215,7 +217,6 @@ class Classifier(LightningModule):
             self.log("train/loss_step", torch.stack(losses).mean(), on_step=True, prog_bar=True)
             for name, values in sums.items():
                 self.log(f"train/{name}_step", torch.stack(values).mean(), on_step=True)
-        return None
 
     def _log_step(self) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps``)."""
@@ -334,13 +335,12 @@ class Classifier(LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         fused = not self.automatic_optimization
-        total = (
-            fused_steps.total_steps(self.trainer)
-            if fused
-            else int(self.trainer.estimated_stepping_batches)
-        )
         if self.hparams.scheduler_interval == "epoch":
             total = int(self.trainer.max_epochs or 1)
+        elif fused:  # Lightning's estimate counts loader batches, each several steps
+            total = fused_steps.total_steps(self.trainer)
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
         config: dict[str, Any] = {
             "scheduler": scheduler,
