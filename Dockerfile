@@ -41,7 +41,7 @@ RUN python -m venv --system-site-packages "$VIRTUAL_ENV"
 WORKDIR /app
 
 # Dependencies first, from pyproject alone, so editing src/ does not reinstall them.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 RUN mkdir -p src/dnn_tricks && touch src/dnn_tricks/__init__.py \
     && pip install . \
     && python -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \

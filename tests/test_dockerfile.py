@@ -2,7 +2,8 @@
 
 Checked against pyproject, parsed with tomllib: the base image's torch satisfies the torch
 requirement, the build's Python guard is requires-python, the entrypoint is the console
-script, installed extras exist; and the image runs as a non-root user with its logs in a
+script, installed extras exist, the files pyproject names are copied before the first
+install; and the image runs as a non-root user with its logs in a
 volume, with a build context that leaves out the venv and the logs.
 """
 
@@ -149,6 +150,21 @@ def test_copied_paths_exist_and_are_in_the_build_context():
         for source in words[:-1]:
             assert (REPO / source).exists(), f"COPY {source}: no such path in the repository"
             assert not ignored(source), f"COPY {source}: excluded by .dockerignore"
+
+
+def test_files_pyproject_names_are_copied_before_the_first_install():
+    """``pip install .`` reads the readme and the license files pyproject names: they must be
+    in the image by then (the dependency layer copies pyproject.toml before src/)."""
+    named = [PYPROJECT["readme"], *PYPROJECT.get("license-files", [])]
+    copied: list[str] = []
+    for key, value in instructions():
+        if key == "COPY":
+            copied += [w for w in shlex.split(value) if not w.startswith("--")][:-1]
+        if key == "RUN" and "pip install ." in value:
+            break
+    assert "pyproject.toml" in copied
+    for path in named:
+        assert path in copied, f"pyproject names {path}; COPY it before the first pip install"
 
 
 def test_configs_find_their_data_in_the_image():

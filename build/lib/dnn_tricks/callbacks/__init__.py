@@ -1,0 +1,1 @@
+"""Callbacks: prediction CSV, running-stat and input checks, activation stats, precise BN."""

@@ -1,0 +1,2 @@
+"""Subcommands beyond LightningCLI's own; each depends on the application (``app.py``),
+never the reverse."""
