@@ -1,1 +1,0 @@
-"""Callbacks: prediction CSV, running-stat and input checks, activation stats, precise BN."""

@@ -1,2 +1,0 @@
-"""Subcommands beyond LightningCLI's own; each depends on the application (``app.py``),
-never the reverse."""
